@@ -1,0 +1,47 @@
+# Fresh machine with Python >= 3.11 and make:  `make run` (pipeline)  /  `make test` (whole suite).
+# A GPU machine picks its torch build, e.g.:
+#   make run TORCH_SPEC=torch==2.13.0 TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+PIP := $(VENV)/bin/python -m pip
+STAMP := $(VENV)/.installed
+
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export RAY_AUTH_MODE ?= disabled
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DVC_NO_ANALYTICS ?= 1
+
+.PHONY: install run test bench clean FORCE
+
+install: $(STAMP)
+
+# torch goes in first and pinned, then is frozen by a constraint, so no later resolver step can
+# swap the CPU build for a multi-GB CUDA one. The stamp makes re-runs a no-op until
+# pyproject.toml, this Makefile or TORCH_SPEC changes.
+$(STAMP): pyproject.toml Makefile $(VENV)/.torch-spec
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "genmodels needs Python >= 3.11, $(PYTHON) is " + sys.version.split()[0])'
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	$(VENV)/bin/python -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > $(VENV)/torch-constraint.txt
+	$(PIP) install --quiet --constraint $(VENV)/torch-constraint.txt -e ".[test]"
+	touch $@
+
+$(VENV)/.torch-spec: FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH_SPEC) $(TORCH_PIP_ARGS)' | cmp -s - $@ || echo '$(TORCH_SPEC) $(TORCH_PIP_ARGS)' > $@
+
+run: install
+	dvc repro
+
+test: install
+	python -m pytest
+
+bench: install
+	python bench/data.py
+
+clean:
+	rm -rf $(VENV) data/shards

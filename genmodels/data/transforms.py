@@ -1,0 +1,50 @@
+"""Image conversions shared by `prepare` (PIL, once per image) and the loaders (tensors, per batch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_channels(img: Image.Image, channels: int) -> Image.Image:
+    """Any Pillow mode -> 8-bit `L` (channels=1) or `RGB` (channels=3).
+
+    16-bit and 32-bit grey are rescaled (Pillow's own convert clips them to 255, turning most
+    images white); alpha is composited over black, the background of the embedded digit sets;
+    palette, CMYK, bilevel and YCbCr go through Pillow's RGB conversion; EXIF orientation is
+    applied so camera photos are upright.
+    """
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _HIGH_DEPTH_MODES:
+        values = np.asarray(img, dtype=np.float64)
+        scale = 255.0 / 65535.0 if img.mode != "F" else 1.0
+        img = Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Scale the shorter side to `size` (bicubic, antialiased when shrinking), then center-crop."""
+    width, height = img.size
+    if (width, height) == (size, size):
+        return img
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_float(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, C, H, W] in [0, 255] -> float32 in [-1, 1] (the range tanh generators emit)."""
+    return images_u8.to(torch.float32).div_(127.5).sub_(1.0)

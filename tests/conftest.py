@@ -1,0 +1,35 @@
+"""Shared test setup: quiet, offline, single-threaded, CPU only, tiny sizes.
+
+The environment below mirrors `.ci/run` so that a test run from an IDE behaves like CI.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+for key, value in {
+    "RAY_AUTH_MODE": "disabled",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "GIT_AUTHOR_NAME": "genmodels-tests",
+    "GIT_AUTHOR_EMAIL": "tests@genmodels.invalid",
+    "GIT_COMMITTER_NAME": "genmodels-tests",
+    "GIT_COMMITTER_EMAIL": "tests@genmodels.invalid",
+    "CUDA_VISIBLE_DEVICES": "",
+}.items():
+    os.environ.setdefault(key, value)
+# Subprocesses (dvc, genmodels) must find this venv's executables first.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+
+import torch  # noqa: E402  (after the environment above)
+
+torch.set_num_threads(1)  # two threads per process on 2 cores ran 3x slower
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
