@@ -1,0 +1,1 @@
+"""Data room: image sources, WebDataset shards + manifest, and the per-rank shard loader."""

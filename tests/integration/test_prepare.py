@@ -1,0 +1,129 @@
+"""`prepare` end to end on real sources: embedded sets, an image folder with bad inputs, atomicity."""
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import genmodels.data.shards as shards_module
+from genmodels.config import PrepareParams
+from genmodels.data.loader import ShardLoader
+from genmodels.data.shards import PrepareError, iter_samples, load_manifest, prepare_shards
+from genmodels.data.sources import SourceError
+from tests.images import write_bad_folder, write_good_folder
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir())}
+
+
+def test_mnist5k_manifest_describes_the_shards(mnist_shards):
+    manifest = json.loads((mnist_shards / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1 and manifest["source"] == "mnist5k"
+    assert (manifest["image_size"], manifest["channels"]) == (28, 1)
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert train["num_samples"] + val["num_samples"] == 5000
+    assert 400 < val["num_samples"] < 600
+    assert len(train["shards"]) == -(-train["num_samples"] // 700)
+    assert manifest["classes"] == [str(d) for d in range(10)] and manifest["rejected"] == []
+    for shard in train["shards"] + val["shards"]:
+        data = (mnist_shards / shard["name"]).read_bytes()
+        assert len(data) == shard["num_bytes"]
+        assert hashlib.sha256(data).hexdigest() == shard["sha256"]
+        assert len(list(iter_samples(data, shard["name"]))) == shard["num_samples"]
+    assert sorted(p.name for p in mnist_shards.iterdir()) == sorted(
+        ["manifest.json"] + [s["name"] for s in train["shards"] + val["shards"]]
+    )
+
+
+def test_same_input_gives_byte_identical_shards(tmp_path):
+    params = PrepareParams(source="digits", image_size=16, max_samples_per_shard=400)
+    prepare_shards(params, tmp_path / "a")
+    prepare_shards(params, tmp_path / "b")
+    assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
+    prepare_shards(params.model_copy(update={"seed": 1}), tmp_path / "c")
+    assert _tree_digest(tmp_path / "a") != _tree_digest(tmp_path / "c")
+
+
+def test_folder_with_bad_inputs_converts_or_rejects_each_with_a_reason(tmp_path):
+    good = write_good_folder(tmp_path / "images")
+    cases = write_bad_folder(tmp_path / "images")
+    (tmp_path / "images" / "README.txt").write_text("not an image extension: ignored, not rejected")
+    out = tmp_path / "shards"
+    manifest = prepare_shards(
+        PrepareParams(source=f"folder:{tmp_path / 'images'}", image_size=16, channels=3, val_fraction=0.0), out
+    )
+    rejected = {r.key: r.reason for r in manifest.rejected}
+    expected_rejects = {k: word for k, word in cases.items() if word != "convert"}
+    assert set(rejected) == set(expected_rejects)
+    for key, word in expected_rejects.items():
+        assert word in rejected[key], (key, rejected[key])
+    converted = sum(1 for word in cases.values() if word == "convert")
+    assert manifest.split("train").num_samples == len(good) + converted
+    assert manifest.classes == ["bad", "cat", "dog"]
+    loader = ShardLoader(load_manifest(out), "train", batch_size_per_worker=len(good) + converted, shuffle=False)
+    images, labels = next(iter(loader))
+    assert images.shape == (len(good) + converted, 3, 16, 16)
+    assert sorted(labels.tolist()) == sorted([0] * converted + [1] * 6 + [2] * 6)
+
+
+def test_on_bad_image_fail_refuses_and_keeps_previous_shards(tmp_path):
+    write_good_folder(tmp_path / "images")
+    out = tmp_path / "shards"
+    source = f"folder:{tmp_path / 'images'}"
+    prepare_shards(PrepareParams(source=source, image_size=16), out)
+    before = _tree_digest(out)
+    (tmp_path / "images" / "cat" / "broken.png").write_bytes(b"")
+    with pytest.raises(PrepareError, match=r"1 input\(s\) rejected.*\n  cat/broken.png: empty file"):
+        prepare_shards(PrepareParams(source=source, image_size=16, on_bad_image="fail"), out)
+    assert _tree_digest(out) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".shards")] == []
+
+
+@pytest.mark.parametrize("make", [lambda root: None, lambda root: root.mkdir()])
+def test_missing_or_imageless_folder_is_a_clear_error(tmp_path, make):
+    root = tmp_path / "nothing"
+    make(root)
+    (tmp_path / "nothing.txt").write_text("")
+    with pytest.raises(SourceError, match=f"folder '{root}' (does not exist|contains no image files)"):
+        prepare_shards(PrepareParams(source=f"folder:{root}"), tmp_path / "shards")
+    assert not (tmp_path / "shards").exists()
+
+
+def test_crash_mid_write_leaves_previous_shards_intact(tmp_path, monkeypatch):
+    params = PrepareParams(source="digits", image_size=8, max_samples_per_shard=100)
+    out = tmp_path / "shards"
+    prepare_shards(params, out)
+    before = _tree_digest(out)
+    calls = {"n": 0}
+    real = shards_module.resize_center_crop
+
+    def crash_after_some(img, size):  # fault injection: the process dies half-way through a split
+        calls["n"] += 1
+        if calls["n"] == 500:
+            raise KeyboardInterrupt("simulated crash")
+        return real(img, size)
+
+    monkeypatch.setattr(shards_module, "resize_center_crop", crash_after_some)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_shards(params.model_copy(update={"image_size": 12}), out)
+    assert calls["n"] == 500
+    assert _tree_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
+def test_cli_bad_params_fail_before_touching_outputs(tmp_path, repo_root):
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "manifest.json").write_text("previous")
+    result = subprocess.run(
+        ["genmodels", "prepare", "--params", str(repo_root / "params.yaml"), "--out", str(out),
+         "--set", "prepare.image_size=large"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert 'prepare.image_size: expected an integer in [8, 512], got "large"' in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (out / "manifest.json").read_text() == "previous"
