@@ -63,8 +63,11 @@ def test_fewer_shards_than_ranks_times_workers_still_balances(tmp_path):
 
 
 def test_http_served_shards_read_like_local_ones(mnist_shards):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mnist_shards))
-    handler.log_message = lambda *args: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(mnist_shards))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
