@@ -1,0 +1,69 @@
+"""Model registry: a preset name -> constructors. A new family or preset is one dict entry.
+
+    G, D = build_gan("dcgan", image_size=32, channels=3, latent_dim=100, width=64,
+                     spectral_norm=False, d_norm="batch")
+    vae = build_vae("conv", image_size=28, channels=1, latent_dim=32, width=32, likelihood="bernoulli")
+
+``latent_dim=None`` picks the preset's default (the seed blog used 128 for its GAN, 100 for its VAE).
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from genmodels.models.dcgan import DCGANDiscriminator, DCGANGenerator, SeedDiscriminator, SeedGenerator
+from genmodels.models.vae import VAE, conv_vae, seed_vae
+
+
+@dataclass(frozen=True, kw_only=True)
+class GANPreset:
+    generator: Callable[..., nn.Module]
+    discriminator: Callable[..., nn.Module]
+    default_latent_dim: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class VAEPreset:
+    build: Callable[..., VAE]
+    default_latent_dim: int
+
+
+GAN_PRESETS: dict[str, GANPreset] = {
+    "dcgan": GANPreset(generator=DCGANGenerator, discriminator=DCGANDiscriminator, default_latent_dim=100),
+    "seed": GANPreset(generator=SeedGenerator, discriminator=SeedDiscriminator, default_latent_dim=128),
+}
+
+VAE_PRESETS: dict[str, VAEPreset] = {
+    "conv": VAEPreset(build=conv_vae, default_latent_dim=64),
+    "seed": VAEPreset(build=seed_vae, default_latent_dim=100),
+}
+
+
+def _lookup(kind: str, presets: dict, preset: str):
+    if preset not in presets:
+        raise ValueError(f"unknown {kind} preset {preset!r}; expected one of {sorted(presets)}")
+    return presets[preset]
+
+
+def build_gan(preset: str, *, image_size: int, channels: int, latent_dim: int | None = None,
+              width: int = 64, spectral_norm: bool = False, d_norm: str = "batch") -> tuple[nn.Module, nn.Module]:
+    """Return (generator, discriminator) for ``preset`` (see ``GAN_PRESETS``)."""
+    spec = _lookup("GAN", GAN_PRESETS, preset)
+    latent_dim = spec.default_latent_dim if latent_dim is None else latent_dim
+    generator = spec.generator(image_size=image_size, channels=channels, latent_dim=latent_dim, width=width)
+    discriminator = spec.discriminator(image_size=image_size, channels=channels, width=width,
+                                       spectral_norm=spectral_norm, d_norm=d_norm)
+    return generator, discriminator
+
+
+def build_vae(preset: str, *, image_size: int, channels: int, latent_dim: int | None = None,
+              width: int = 64, likelihood: str = "bernoulli") -> VAE:
+    """Return the VAE for ``preset`` (see ``VAE_PRESETS``)."""
+    spec = _lookup("VAE", VAE_PRESETS, preset)
+    latent_dim = spec.default_latent_dim if latent_dim is None else latent_dim
+    return spec.build(image_size=image_size, channels=channels, latent_dim=latent_dim,
+                      width=width, likelihood=likelihood)
+
+
+__all__ = ["GAN_PRESETS", "VAE_PRESETS", "VAE", "build_gan", "build_vae"]
