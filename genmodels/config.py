@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 import annotated_types as at
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUILTIN_SOURCES = ("mnist5k", "digits")
 
@@ -57,10 +57,86 @@ class PrepareParams(_Section):
         raise ValueError('expected "mnist5k", "digits" or "folder:PATH"')
 
 
+class GANParams(_Section):
+    """`train.gan`: architecture, objective and optimiser of the GAN family."""
+
+    preset: Literal["dcgan", "seed"] = "dcgan"
+    loss: Literal["bce", "hinge", "wgan-gp"] = "bce"
+    latent_dim: Annotated[int, Field(ge=1, le=4096)] = 100
+    width: Annotated[int, Field(ge=4, le=1024)] = 32
+    spectral_norm: bool = False
+    d_norm: Literal["batch", "layer", "none"] = "batch"
+    lr_g: Annotated[float, Field(gt=0, le=1)] = 2e-4
+    lr_d: Annotated[float, Field(gt=0, le=1)] = 2e-4
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    gp_weight: Annotated[float, Field(ge=0)] = 10.0
+    """WGAN-GP lambda (Gulrajani et al. 2017, eq. 3); used only with `loss: wgan-gp`."""
+    d_steps_per_g_step: Annotated[int, Field(ge=1, le=20)] = 1
+    ema_decay: Annotated[float, Field(ge=0, le=1)] = 0.999
+    num_steps: Annotated[int, Field(ge=1)] = 1500
+    """Generator steps."""
+
+    @model_validator(mode="after")
+    def _penalty_needs_per_sample_critic(self) -> "GANParams":
+        if self.loss == "wgan-gp" and self.d_norm == "batch":
+            raise ValueError(
+                'd_norm "batch" is invalid with loss "wgan-gp": the gradient penalty is per sample and BatchNorm '
+                'mixes samples (Gulrajani et al. 2017, sec. 4); use "layer" or "none"'
+            )
+        return self
+
+
+class VAEParams(_Section):
+    """`train.vae`: architecture, likelihood and optimiser of the VAE family."""
+
+    preset: Literal["conv", "seed"] = "conv"
+    latent_dim: Annotated[int, Field(ge=1, le=4096)] = 32
+    width: Annotated[int, Field(ge=4, le=1024)] = 32
+    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
+    beta: Annotated[float, Field(ge=0)] = 1.0
+    """beta-VAE weight on the KL term (Higgins et al. 2017); 1 is the plain ELBO."""
+    lr: Annotated[float, Field(gt=0, le=1)] = 1e-3
+    ema_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
+    num_steps: Annotated[int, Field(ge=1)] = 1500
+
+
+class TrainParams(_Section):
+    """`train`: what every family shares (Ray scaling, loader, checkpoints, logging)."""
+
+    num_workers: Annotated[int, Field(ge=1, le=4096)] = 2
+    """Ray Train workers = DDP ranks."""
+    use_gpu: bool = False
+    cpus_per_worker: Annotated[float, Field(gt=0, le=256)] = 1.0
+    threads_per_worker: Annotated[int, Field(ge=1, le=256)] = 1
+    """torch intra-op threads per rank; 1 on CPU (two threads per worker on 2 cores ran 3x slower)."""
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    """Mixed precision on GPU; ignored (with a warning) on CPU."""
+    sync_batchnorm: bool = False
+    batch_size_per_worker: Annotated[int, Field(ge=1, le=65536)] = 64
+    loader_workers: Annotated[int, Field(ge=0, le=64)] = 0
+    seed: Annotated[int, Field(ge=0)] = 0
+    log_every_steps: Annotated[int, Field(ge=1)] = 25
+    sample_every_steps: Annotated[int, Field(ge=1)] = 250
+    checkpoint_every_steps: Annotated[int, Field(ge=1)] = 250
+    num_checkpoints_kept: Annotated[int, Field(ge=1)] = 2
+    max_failures: Annotated[int, Field(ge=-1)] = 1
+    """Ray `FailureConfig(max_failures)`: restarts from the latest checkpoint after a worker dies; -1 = forever."""
+    storage_path: str = "ray_results"
+    """Ray `RunConfig(storage_path)`: a local directory (relative to the project) or any pyarrow filesystem URI."""
+    run_name: str = ""
+    """Ray run name; a rerun with the same name resumes from its latest checkpoint. Empty: `genmodels-<family>`."""
+    experiment: str = "genmodels"
+    """MLflow experiment name."""
+    gan: GANParams = GANParams()
+    vae: VAEParams = VAEParams()
+
+
 class Params(_Section):
     """The whole of `params.yaml`: one section per stage."""
 
     prepare: PrepareParams = PrepareParams()
+    train: TrainParams = TrainParams()
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
@@ -108,6 +184,8 @@ def _describe_error(error: dict[str, Any]) -> str:
         return f"{loc}: unknown key (expected one of: {known})"
     if error["type"] == "missing":
         return f"{loc}: required key is missing"
+    if error["type"] == "value_error" and field is not None and _is_section(field.annotation):
+        return f"{loc}: {error['ctx']['error']}"
     if error["type"] == "value_error":
         expected = str(error["ctx"]["error"])
     elif field is not None and not _is_section(field.annotation):

@@ -126,7 +126,10 @@ class ShardLoader:
             yield to_float(images), labels
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+        # An own generator: a DataLoader iterator otherwise draws its base seed from torch's global
+        # RNG, and a training run resumed from a checkpoint would then draw different noise.
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(1)[0]))
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, generator=generator,
                           prefetch_factor=4 if self.num_workers else None)
 
     def _iter_memory(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

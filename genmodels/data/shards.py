@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,6 +29,7 @@ from tqdm import tqdm
 from genmodels.config import PrepareParams
 from genmodels.data.sources import BadImage, Record, open_source
 from genmodels.data.transforms import resize_center_crop, to_channels
+from genmodels.files import replace_dir, staging_dir
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val")
@@ -111,9 +111,7 @@ def prepare_shards(params: PrepareParams, out_dir: str | Path, *, progress: bool
     if progress is None:
         progress = sys.stderr.isatty() and not os.environ.get("CI")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it 0700; the published directory should read like any other
+    tmp = staging_dir(out_dir)
     try:
         rejected: list[Rejection] = []
         splits = {}
@@ -143,7 +141,7 @@ def prepare_shards(params: PrepareParams, out_dir: str | Path, *, progress: bool
         )
         text = json.dumps(manifest.model_dump(exclude={"location"}), indent=2, sort_keys=True) + "\n"
         (tmp / MANIFEST_NAME).write_text(text)
-        _swap_in(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -176,17 +174,6 @@ def _write_split(tmp, split, records, source, params, rejected, bar) -> SplitInf
         shards.append(ShardInfo(name=path.name, num_samples=len(chunk), num_bytes=path.stat().st_size, sha256=_sha256(path)))
         offset += len(chunk)
     return SplitInfo(num_samples=offset, shards=shards)
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by `tmp` with two renames on one filesystem (no half-written state)."""
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rename(out_dir, old / out_dir.name)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out_dir)
 
 
 def _sha256(path: Path) -> str:

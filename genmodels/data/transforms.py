@@ -48,3 +48,16 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:
     """uint8 [B, C, H, W] in [0, 255] -> float32 in [-1, 1] (the range tanh generators emit)."""
     return images_u8.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def image_grid(images: torch.Tensor, *, num_columns: int = 8, padding: int = 2) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> one uint8 HxWxC (C=3) or HxW (C=1) picture, row-major."""
+    images = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    count, channels, height, width = images.shape
+    rows = -(-count // num_columns)
+    grid = torch.zeros((channels, rows * (height + padding) + padding, num_columns * (width + padding) + padding), dtype=torch.uint8)
+    for i, image in enumerate(images):
+        top, left = padding + (i // num_columns) * (height + padding), padding + (i % num_columns) * (width + padding)
+        grid[:, top : top + height, left : left + width] = image
+    out = grid.permute(1, 2, 0).numpy()
+    return out[..., 0] if channels == 1 else out
