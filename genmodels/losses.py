@@ -55,15 +55,18 @@ def interpolate(real: torch.Tensor, fake: torch.Tensor, generator: torch.Generat
     return torch.lerp(real.detach(), fake.detach(), alpha).requires_grad_(True)
 
 
-def gradient_penalty(d_out_interp: torch.Tensor, interp: torch.Tensor) -> torch.Tensor:
+def gradient_penalty(d_out_interp: torch.Tensor, interp: torch.Tensor, loss_scale: float = 1.0) -> torch.Tensor:
     """WGAN-GP penalty mean((||dD/dx||_2 - 1)^2) over interpolates (Gulrajani et al. 2017 eq. 3).
 
     Takes D's output on ``interp`` rather than D itself so the caller can run D once on
     ``cat(real, fake, interp)``: a second D forward in the same step breaks DDP (its BatchNorm
     buffers and the reducer's one-backward-per-forward assumption). ``create_graph=True`` lets
     the penalty itself be back-propagated into D's weights. Multiply by lambda (10 in the paper).
+    Under fp16 autocast pass the GradScaler's scale: the input gradient is taken of the scaled
+    output (so it does not underflow) and unscaled before the norm (PyTorch AMP recipe).
     """
-    (grad,) = torch.autograd.grad(d_out_interp.sum(), interp, create_graph=True)
+    (grad,) = torch.autograd.grad(d_out_interp.sum() * loss_scale, interp, create_graph=True)
+    grad = grad / loss_scale
     return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 

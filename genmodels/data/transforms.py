@@ -54,6 +54,7 @@ def image_grid(images: torch.Tensor, *, num_columns: int = 8, padding: int = 2) 
     """[N, C, H, W] in [-1, 1] -> one uint8 HxWxC (C=3) or HxW (C=1) picture, row-major."""
     images = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     count, channels, height, width = images.shape
+    num_columns = min(num_columns, count)
     rows = -(-count // num_columns)
     grid = torch.zeros((channels, rows * (height + padding) + padding, num_columns * (width + padding) + padding), dtype=torch.uint8)
     for i, image in enumerate(images):

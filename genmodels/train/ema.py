@@ -23,3 +23,10 @@ def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
         ema_p.lerp_(p, 1.0 - decay)
     for ema_b, b in zip(ema_buffers, buffers):
         ema_b.copy_(b)
+
+
+def ema_decay(target: float, step: int) -> float:
+    """Decay ramped up from 0.1 towards `target` as (1 + step) / (10 + step) (the num_updates rule
+    of TensorFlow's ExponentialMovingAverage): with a fixed 0.999 a run of ~1k steps samples from
+    an average still dominated by its first, untrained generators."""
+    return min(target, (1 + step) / (10 + step))

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from genmodels.config import TrainParams
 from genmodels.losses import d_loss, g_loss, gradient_penalty, interpolate
 from genmodels.models import build_gan
-from genmodels.train.ema import ema_update
+from genmodels.train.ema import ema_decay, ema_update
 
 NUM_SAMPLES = 64
 
@@ -38,6 +38,17 @@ def wrap(module: nn.Module, params: TrainParams, device: torch.device, world_siz
     if params.sync_batchnorm:
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def amp_context(params: TrainParams, device: torch.device):
+    """Autocast on GPU when `train.amp` asks for it (the loop warns that CPU ignores it)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")
+
+
+def grad_scaler(params: TrainParams, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 only (bf16 has fp32's range); disabled, it passes values through."""
+    return torch.amp.GradScaler(device.type, enabled=params.amp == "fp16" and device.type == "cuda")
 
 
 def grad_norm(parameters) -> torch.Tensor:
@@ -62,41 +73,47 @@ class GANTask:
         betas = (g.beta1, g.beta2)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=g.lr_g, betas=betas)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=g.lr_d, betas=betas)
+        self.scaler = grad_scaler(params, device)
         self.z_fixed = torch.randn(NUM_SAMPLES, g.latent_dim, generator=torch.Generator().manual_seed(params.seed)).to(device)
 
     def state(self) -> dict[str, object]:
         """Everything a resume needs, by name (one bundle: see checkpoint.py)."""
         return {"generator": unwrap(self.G), "discriminator": unwrap(self.D), "ema": self.ema,
-                "opt_g": self.opt_g, "opt_d": self.opt_d}
+                "opt_g": self.opt_g, "opt_d": self.opt_d, "scaler": self.scaler}
 
     def _noise(self, batch: int) -> torch.Tensor:
         return torch.randn(batch, self.params.gan.latent_dim, device=self.device)
 
-    def train_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
-        g, batch = self.params.gan, real.shape[0]
+    def train_step(self, real: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        g, batch, scaler = self.params.gan, real.shape[0], self.scaler
         for _ in range(g.d_steps_per_g_step):
-            with torch.no_grad():
-                fake = self.G(self._noise(batch))
-            parts = [real, fake]
-            if g.loss == "wgan-gp":
-                parts.append(interpolate(real, fake))
-            logits = self.D(torch.cat(parts))
-            real_logits, fake_logits = logits[:batch], logits[batch : 2 * batch]
-            loss_d = d_loss(self.loss, real_logits, fake_logits)
-            if g.loss == "wgan-gp":
-                loss_d = loss_d + g.gp_weight * gradient_penalty(logits[2 * batch :], parts[2])
+            with amp_context(self.params, self.device):
+                with torch.no_grad():
+                    fake = self.G(self._noise(batch))
+                parts = [real, fake]
+                if g.loss == "wgan-gp":
+                    parts.append(interpolate(real, fake))
+                logits = self.D(torch.cat(parts)).float()
+                real_logits, fake_logits = logits[:batch], logits[batch : 2 * batch]
+                loss_d = d_loss(self.loss, real_logits, fake_logits)
+                if g.loss == "wgan-gp":
+                    loss_d = loss_d + g.gp_weight * gradient_penalty(logits[2 * batch :], parts[2], scaler.get_scale() if scaler.is_enabled() else 1.0)
             self.opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
+            scaler.scale(loss_d).backward()
+            scaler.unscale_(self.opt_d)
             norm_d = grad_norm(self.D.parameters())
-            self.opt_d.step()
+            scaler.step(self.opt_d)
 
-        fake_logits_g = unwrap(self.D)(torch.cat([real, self.G(self._noise(batch))]))[batch:]
-        loss_g = g_loss(self.loss, fake_logits_g)
+        with amp_context(self.params, self.device):
+            fake_logits_g = unwrap(self.D)(torch.cat([real, self.G(self._noise(batch))]))[batch:].float()
+            loss_g = g_loss(self.loss, fake_logits_g)
         self.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward(inputs=list(self.G.parameters()))
+        scaler.scale(loss_g).backward(inputs=list(self.G.parameters()))
+        scaler.unscale_(self.opt_g)
         norm_g = grad_norm(self.G.parameters())
-        self.opt_g.step()
-        ema_update(self.ema, self.G, g.ema_decay)
+        scaler.step(self.opt_g)
+        scaler.update()
+        ema_update(self.ema, self.G, ema_decay(g.ema_decay, step))
 
         score = torch.sigmoid if self.loss == "bce" else (lambda t: t)  # D(x) as a probability for BCE
         return {

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +48,10 @@ class TrainJob(BaseModel):
     manifest_sha256: str
     image_size: int
     channels: int
+    code_sha256: str = ""
+    """Digest of the genmodels sources: part of the default run name, so a code change trains
+    afresh instead of "resuming" a finished run; not part of `identity`, so an explicit
+    `train.run_name` can still resume across a bug fix."""
     tracking_uri: str
     run_id: str
     fault: str = ""
@@ -64,8 +69,17 @@ class TrainJob(BaseModel):
         return {"family": self.family, "data": self.manifest_sha256, "train": common, self.family: family}
 
     def default_run_name(self) -> str:
-        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps([self.identity(), self.code_sha256], sort_keys=True).encode()).hexdigest()
         return f"{self.family}-{digest[:10]}"
+
+
+def code_digest() -> str:
+    """sha256 over every .py file of the installed genmodels package (path + content)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -75,6 +89,8 @@ def train_loop_per_worker(config: dict) -> dict:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(params.threads_per_worker)
     device = ray.train.torch.get_device()
+    if params.amp != "none" and device.type != "cuda" and rank == 0:
+        warnings.warn(f"train.amp={params.amp!r} is ignored on {device.type}: mixed precision runs on CUDA only", stacklevel=1)
 
     torch.manual_seed(params.seed)  # identical initial weights on every rank
     task = TASKS[job.family](params, image_size=job.image_size, channels=job.channels, device=device, world_size=world_size)
@@ -94,7 +110,7 @@ def train_loop_per_worker(config: dict) -> dict:
         epoch, consumed = divmod(step, steps_per_epoch)
         loader.set_epoch(epoch)
         for images, _ in itertools.islice(loader, consumed, None):
-            metrics = task.train_step(images.to(device, non_blocking=True))
+            metrics = task.train_step(images.to(device, non_blocking=True), step)
             step += 1
             values = torch.stack([v.float() for v in metrics.values()])
             sums, count = (values if sums is None else sums + values), count + 1

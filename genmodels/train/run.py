@@ -25,7 +25,7 @@ from genmodels.config import Params
 from genmodels.data.shards import MANIFEST_NAME, load_manifest, read_bytes
 from genmodels.files import replace_dir, staging_dir, write_text
 from genmodels.train.checkpoint import read_exported
-from genmodels.train.loop import TrainJob, train_loop_per_worker
+from genmodels.train.loop import TrainJob, code_digest, train_loop_per_worker
 
 CURVES = {"gan": ["train/loss_d", "train/loss_g", "train/d_real", "train/d_fake"], "vae": ["train/loss", "train/elbo", "train/kl", "train/recon_nll"]}
 EXPORTED = {"gan": {"generator": "ema", "discriminator": "discriminator"}, "vae": {"vae": "ema"}}
@@ -55,7 +55,7 @@ def train(params: Params, family: str, *, shards: str | Path = "data/shards", mo
     manifest_sha = hashlib.sha256(read_bytes(f"{shards}/{MANIFEST_NAME}", what="manifest")).hexdigest()
     tracking = resolve_tracking(project_dir)
     draft = TrainJob(family=family, params=tp, shards=shards, manifest_sha256=manifest_sha, image_size=manifest.image_size,
-                     channels=manifest.channels, tracking_uri=tracking.uri, run_id="-", fault=os.environ.get("GENMODELS_FAULT", ""))
+                     channels=manifest.channels, code_sha256=code_digest(), tracking_uri=tracking.uri, run_id="-", fault=os.environ.get("GENMODELS_FAULT", ""))
     run_name = tp.run_name or draft.default_run_name()
     storage = _storage_uri(tp.storage_path, project_dir)
 

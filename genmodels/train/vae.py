@@ -9,8 +9,8 @@ import torch
 from genmodels.config import TrainParams
 from genmodels.losses import elbo, gaussian_kl, reconstruction_nll
 from genmodels.models import build_vae
-from genmodels.train.ema import ema_update
-from genmodels.train.gan import NUM_SAMPLES, grad_norm, unwrap, wrap
+from genmodels.train.ema import ema_decay, ema_update
+from genmodels.train.gan import NUM_SAMPLES, amp_context, grad_norm, grad_scaler, unwrap, wrap
 
 
 class VAETask:
@@ -24,24 +24,29 @@ class VAETask:
         self.ema = copy.deepcopy(model).to(device).eval().requires_grad_(False)
         self.model = wrap(model, params, device, world_size)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=v.lr)
+        self.scaler = grad_scaler(params, device)
         self.z_fixed = torch.randn(NUM_SAMPLES, v.latent_dim, generator=torch.Generator().manual_seed(params.seed)).to(device)
         self.recon_batch: torch.Tensor | None = None  # fixed val images for the reconstruction grid
 
     def state(self) -> dict[str, object]:
-        return {"vae": unwrap(self.model), "ema": self.ema, "opt": self.opt}
+        return {"vae": unwrap(self.model), "ema": self.ema, "opt": self.opt, "scaler": self.scaler}
 
-    def train_step(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def train_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         v = self.params.vae
-        decoded, mu, logvar = self.model(images)
+        with amp_context(self.params, self.device):
+            decoded, mu, logvar = self.model(images)
+        # The likelihood and KL in fp32: sums over pixels lose precision in half types.
         log_sigma = unwrap(self.model).log_sigma
-        recon = reconstruction_nll(decoded, images, v.likelihood, log_sigma)
-        kl = gaussian_kl(mu, logvar)
+        recon = reconstruction_nll(decoded.float(), images, v.likelihood, log_sigma)
+        kl = gaussian_kl(mu.float(), logvar.float())
         loss = elbo(recon, kl, v.beta).mean()
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
         norm = grad_norm(self.model.parameters())
-        self.opt.step()
-        ema_update(self.ema, self.model, v.ema_decay)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        ema_update(self.ema, self.model, ema_decay(v.ema_decay, step))
         return {"loss": loss.detach(), "recon_nll": recon.detach().mean(), "kl": kl.detach().mean(),
                 "elbo": -(recon.detach() + kl.detach()).mean(), "grad_norm": norm}
 

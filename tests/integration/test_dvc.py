@@ -1,7 +1,27 @@
-"""A real `dvc repro` / `dvc exp run` in a temporary git repo holding a copy of the project."""
+"""A real `dvc repro` / `dvc exp run` in a temporary git repo holding a copy of the project.
+
+The shipped params.yaml is used with training shrunk to a few steps of tiny models, so that the
+whole pipeline (prepare -> train@gan, train@vae on a local Ray) runs in a test.
+"""
 
 import json
 import subprocess
+
+import yaml
+
+TINY_TRAIN = {"num_workers": 1, "log_every_steps": 2, "sample_every_steps": 4, "checkpoint_every_steps": 4,
+              "gan": {"width": 8, "num_steps": 4}, "vae": {"width": 8, "num_steps": 4}}
+
+
+def _shrink_training(project):
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for key, value in TINY_TRAIN.items():
+        if isinstance(value, dict):
+            params["train"][key].update(value)
+        else:
+            params["train"][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def _run(cwd, *args):
@@ -11,11 +31,19 @@ def _run(cwd, *args):
 
 
 def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
+    _shrink_training(project_copy)
     out = _run(project_copy, "dvc", "repro")
-    assert "Running stage 'prepare'" in out
+    for stage in ("prepare", "train@gan", "train@vae"):
+        assert f"Running stage '{stage}'" in out
     manifest = json.loads((project_copy / "data/shards/manifest.json").read_text())
     assert manifest["source"] == "mnist5k" and manifest["image_size"] == 28
     assert sum(s["num_samples"] for s in manifest["splits"].values()) == 5000
+    for family in ("gan", "vae"):
+        assert (project_copy / f"models/{family}/weights.pt").exists()
+        assert json.loads((project_copy / f"metrics/train_{family}.json").read_text())["step"] == 4
+    shown = _run(project_copy, "dvc", "metrics", "show")
+    assert "metrics/train_gan.json" in shown and "loss_d" in shown
+    assert (project_copy / "mlruns.db").exists() and (project_copy / "mlartifacts").is_dir()
     lock = (project_copy / "dvc.lock").read_text()
 
     again = _run(project_copy, "dvc", "repro")
@@ -29,6 +57,7 @@ def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
     manifest = json.loads((project_copy / "data/shards/manifest.json").read_text())
     assert manifest["image_size"] == 32 and manifest["params"]["image_size"] == 32
     assert "image_size: 32" in (project_copy / "params.yaml").read_text()
+    assert json.loads((project_copy / "models/gan/config.json").read_text())["image_size"] == 32
 
 
 def test_repro_with_bad_params_fails_with_the_key(project_copy):

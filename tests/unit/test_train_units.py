@@ -1,0 +1,85 @@
+"""Pure pieces of the training room: config rules, grids, checkpoint bundles, the job identity."""
+
+import numpy as np
+import pytest
+import torch
+
+from genmodels.config import ConfigError, parse_params
+from genmodels.data.transforms import image_grid
+from genmodels.train.checkpoint import bundle_dir, load_bundle, read_exported, weights_digest
+from genmodels.train.loop import TrainJob
+
+
+def test_wgan_gp_with_batchnorm_critic_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match=r'train.gan: d_norm "batch" is invalid with loss "wgan-gp"'):
+        parse_params({"train": {"gan": {"loss": "wgan-gp"}}})
+    assert parse_params({"train": {"gan": {"loss": "wgan-gp", "d_norm": "layer"}}}).train.gan.loss == "wgan-gp"
+
+
+def test_shipped_train_params_are_valid(repo_root):
+    from genmodels.config import load_params
+
+    train = load_params(repo_root / "params.yaml").train
+    assert train.num_workers >= 1 and train.gan.num_steps >= 1 and train.vae.num_steps >= 1
+
+
+def test_image_grid_places_images_row_major_with_padding():
+    images = torch.full((3, 1, 2, 2), -1.0)
+    images[1] = 1.0
+    grid = image_grid(images, num_columns=2, padding=1)
+    assert grid.shape == (1 + 2 * 3, 1 + 2 * 3) and grid.dtype == np.uint8
+    assert grid[1:3, 4:6].min() == 255 and grid[1:3, 1:3].max() == 0 and grid[0].max() == 0
+    assert image_grid(torch.zeros(1, 3, 4, 4)).shape == (8, 8, 3)
+
+
+def _job(**train):
+    params = parse_params({"train": train}).train
+    return TrainJob(family="gan", params=params, shards="/s", manifest_sha256="abc", image_size=28, channels=1,
+                    tracking_uri="sqlite:///x.db", run_id="r")
+
+
+def test_run_identity_ignores_operational_keys_but_not_what_is_computed():
+    base = _job()
+    assert _job(log_every_steps=7, max_failures=3, gan={"num_steps": 9}).default_run_name() == base.default_run_name()
+    assert _job(gan={"lr_g": 1e-3}).default_run_name() != base.default_run_name()
+    assert _job(vae={"lr": 1e-2}).default_run_name() == base.default_run_name()  # the other family's params
+    assert base.default_run_name().startswith("gan-")
+    changed_code = base.model_copy(update={"code_sha256": "other"})
+    assert changed_code.default_run_name() != base.default_run_name() and changed_code.identity() == base.identity()
+
+
+def test_bundle_round_trip_restores_state_and_rng(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    torch.manual_seed(5)
+    with bundle_dir({"model": model, "opt": opt}, rank=0, step=7, epoch=1, config={"a": 1}, run_id="run") as d:
+        expected_noise = torch.rand(3)
+        saved = {p.name: p.read_bytes() for p in d.iterdir()}
+    for name, data in saved.items():
+        (tmp_path / name).write_bytes(data)
+    fresh = torch.nn.Linear(3, 2)
+    fresh_opt = torch.optim.Adam(fresh.parameters())
+    torch.manual_seed(99)
+    meta = load_bundle(tmp_path, {"model": fresh, "opt": fresh_opt}, rank=0, config={"a": 1})
+    assert meta == {"step": 7, "epoch": 1, "mlflow_run_id": "run"}
+    assert torch.equal(fresh.weight, model.weight)
+    assert fresh_opt.state_dict()["state"][0]["step"] == 1
+    assert torch.equal(torch.rand(3), expected_noise)  # the RNG continues where it was saved
+    with pytest.raises(ValueError, match=r"different config \(changed: a: 1 -> 2\)"):
+        load_bundle(tmp_path, {"model": fresh, "opt": fresh_opt}, rank=0, config={"a": 2})
+
+
+def test_diverged_ranks_are_detected(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    with bundle_dir({"m": model}, rank=0, step=1, epoch=0, config={}, run_id="r") as d:
+        for p in d.iterdir():
+            (tmp_path / p.name).write_bytes(p.read_bytes())
+    (tmp_path / "weights_rank1.sha256").write_text(weights_digest({"m": model}))
+    assert read_exported(tmp_path)["step"] == 1
+    with torch.no_grad():
+        model.weight += 1
+    (tmp_path / "weights_rank1.sha256").write_text(weights_digest({"m": model}))
+    with pytest.raises(RuntimeError, match="ranks hold different weights"):
+        read_exported(tmp_path)
