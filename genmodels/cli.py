@@ -1,7 +1,9 @@
 """The `genmodels` command. Each subcommand calls the same library function as its DVC stage.
 
     genmodels prepare [--params params.yaml] [--set prepare.image_size=32] [--out data/shards]
+    genmodels featurizer                       # domain classifier for the offline FID
     genmodels train gan|vae [--params params.yaml] [--set train.num_workers=4]
+    genmodels evaluate gan|vae
 """
 
 from __future__ import annotations
@@ -30,6 +32,24 @@ def _train(args: argparse.Namespace) -> None:
           f"models/{args.family}/ written; MLflow run {summary['mlflow_run_id']}")
 
 
+def _featurizer(args: argparse.Namespace) -> None:
+    from genmodels.metrics.featurizer import train_featurizer
+
+    params = load_params(args.params, args.set)
+    summary = train_featurizer(params.featurizer, args.shards, args.out, args.metrics)
+    print(f"featurizer: val accuracy {summary['val_accuracy']:.4f} on {summary['num_val']} images -> {args.out}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from genmodels.metrics.evaluate import evaluate
+
+    params = load_params(args.params, args.set)
+    record = evaluate(params, args.family, models_dir=args.models, shards=args.shards, featurizer_dir=args.featurizer,
+                      metrics_dir=args.metrics)
+    shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float)}
+    print(f"evaluate {args.family}: {shown}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genmodels", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -41,7 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--models", default="models", help="parent of models/<family>/")
     train.add_argument("--metrics", default="metrics", help="where train_<family>.json and the curve CSV go")
     train.set_defaults(run=_train)
-    for sub in (prepare, train):
+    featurizer = commands.add_parser("featurizer", help="train the domain classifier behind the offline FID")
+    featurizer.add_argument("--shards", default="data/shards")
+    featurizer.add_argument("--out", default="models/featurizer")
+    featurizer.add_argument("--metrics", default="metrics/featurizer.json")
+    featurizer.set_defaults(run=_featurizer)
+    evaluate = commands.add_parser("evaluate", help="FID/KID/PRDC (GAN), ELBO/IWAE (VAE) -> metrics/eval_<family>.json + MLflow")
+    evaluate.add_argument("family", choices=["gan", "vae"])
+    evaluate.add_argument("--shards", default="data/shards")
+    evaluate.add_argument("--models", default="models")
+    evaluate.add_argument("--featurizer", default="models/featurizer")
+    evaluate.add_argument("--metrics", default="metrics")
+    evaluate.set_defaults(run=_evaluate)
+    for sub in (prepare, featurizer, train, evaluate):
         sub.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a param, e.g. prepare.image_size=32 (value parsed as YAML)")
@@ -53,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ConfigError, ValueError, RuntimeError) as err:
+    except (ConfigError, ValueError, RuntimeError, FileNotFoundError, ImportError) as err:
         print(f"genmodels {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

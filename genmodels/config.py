@@ -132,11 +132,46 @@ class TrainParams(_Section):
     vae: VAEParams = VAEParams()
 
 
+class FeaturizerParams(_Section):
+    """`featurizer`: the domain classifier whose features are the offline FID's feature space."""
+
+    num_epochs: Annotated[int, Field(ge=1, le=1000)] = 15
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 128
+    lr: Annotated[float, Field(gt=0, le=1)] = 3e-3
+    width: Annotated[int, Field(ge=4, le=512)] = 32
+    feature_dim: Annotated[int, Field(ge=8, le=4096)] = 128
+    seed: Annotated[int, Field(ge=0)] = 0
+    min_val_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Fail the stage below this val accuracy (a weak classifier makes FID meaningless)."""
+
+
+class EvaluateParams(_Section):
+    """`evaluate`: sample counts and protocol of FID / KID / PRDC / ELBO / IWAE."""
+
+    extractor: Literal["domain", "inception"] = "domain"
+    inception_weights: str = ""
+    """Path of pt_inception-2015-12-05-6726825d.pth for `extractor: inception` (else the torch hub cache)."""
+    num_samples: Annotated[int, Field(ge=10)] = 5000
+    """Generated images per FID/KID/PRDC."""
+    reference_split: Literal["train", "val"] = "train"
+    reference_max_samples: Annotated[int, Field(ge=10)] = 50000
+    kid_subset_size: Annotated[int, Field(ge=2)] = 1000
+    kid_num_subsets: Annotated[int, Field(ge=1)] = 100
+    prdc_k: Annotated[int, Field(ge=1, le=100)] = 5
+    bootstrap_resamples: Annotated[int, Field(ge=2)] = 10
+    iwae_num_samples: Annotated[int, Field(ge=1, le=100000)] = 100
+    seed: Annotated[int, Field(ge=0)] = 0
+    cache_dir: str = ".cache/genmodels"
+    """Reference statistics, keyed by protocol signature."""
+
+
 class Params(_Section):
     """The whole of `params.yaml`: one section per stage."""
 
     prepare: PrepareParams = PrepareParams()
+    featurizer: FeaturizerParams = FeaturizerParams()
     train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:

@@ -217,3 +217,21 @@ def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Ite
         yield item
     rng.shuffle(buffer)
     yield from buffer
+
+
+def read_split(manifest: Manifest | str, split: str, *, limit: int | None = None, batch_size: int = 1000
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every sample of a split in manifest order (no shuffle, no drop): evaluation's reader.
+    Yields float [-1, 1] image batches and labels; stops after `limit` samples if given."""
+    manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    check_shards(manifest, split)
+    shape = (manifest.channels, manifest.image_size, manifest.image_size)
+    samples = (
+        (shard.name, key, png, label)
+        for shard in manifest.split(split).shards
+        for key, png, label in iter_samples(read_shard(manifest, shard), shard.name)
+    )
+    samples = itertools.islice(samples, limit)
+    for chunk in iter(lambda: list(itertools.islice(samples, batch_size)), []):
+        images, labels = decode_batch(chunk, shape)
+        yield to_float(images), labels
