@@ -152,6 +152,15 @@ def sqrtm_psd(sigma: torch.Tensor) -> torch.Tensor:
     return (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
 
 
+def psd_factor(sigma: torch.Tensor) -> torch.Tensor:
+    """Any F with F F^T = sigma: the Cholesky factor when sigma is positive definite (one
+    factorisation, ~10x cheaper than an eigendecomposition at d=2048), else the symmetric square
+    root (singular covariances: fewer samples than dimensions, dead features)."""
+    sigma = 0.5 * (sigma + sigma.T)
+    factor, info = torch.linalg.cholesky_ex(sigma)
+    return factor if int(info) == 0 else sqrtm_psd(sigma)
+
+
 def _check_gaussian(mu: torch.Tensor, sigma: torch.Tensor, name: str) -> None:
     if mu.dim() != 1 or sigma.shape != (mu.shape[0],) * 2:
         raise ValueError(f"{name}: expected mean [d] and covariance [d, d]; got {tuple(mu.shape)} and {tuple(sigma.shape)}")
@@ -159,12 +168,13 @@ def _check_gaussian(mu: torch.Tensor, sigma: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: mean or covariance has NaN/inf entries (too few samples, or diverged features?)")
 
 
-def _frechet_distance_half(mu1: torch.Tensor, sigma1_half: torch.Tensor, trace1: torch.Tensor,
+def _frechet_distance_half(mu1: torch.Tensor, sigma1_factor: torch.Tensor, trace1: torch.Tensor,
                            mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
-    # Tr(sqrt(S1 S2)) without a non-symmetric sqrtm: S1 S2 = A B with A = S1^1/2, B = S1^1/2 S2,
-    # and A B has the eigenvalues of B A = S1^1/2 S2 S1^1/2 =: M (even for singular S1), which is
-    # symmetric PSD; so Tr(sqrt(S1 S2)) = sum sqrt(lambda_i(M)), all real and >= 0.
-    m = sigma1_half @ sigma2 @ sigma1_half
+    # Tr(sqrt(S1 S2)) without a non-symmetric sqrtm: with S1 = F F^T, S1 S2 = F (F^T S2) has the
+    # eigenvalues of F^T S2 F =: M (AB and BA share eigenvalues, even for singular S1), which is
+    # symmetric PSD; so Tr(sqrt(S1 S2)) = sum sqrt(lambda_i(M)), all real and >= 0, from one
+    # eigvalsh (values only).
+    m = sigma1_factor.T @ sigma2 @ sigma1_factor
     trace_sqrt = torch.linalg.eigvalsh(0.5 * (m + m.T)).clamp(min=0).sqrt().sum()
     # Heusel et al. 2017 eq. 6: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2).
     fid = (mu1 - mu2).square().sum() + trace1 + torch.trace(sigma2) - 2 * trace_sqrt
@@ -175,9 +185,9 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, eq. 6), in
     float64 on the inputs' device; numpy or torch inputs.
 
-    Uses two symmetric eigendecompositions instead of ``scipy.linalg.sqrtm(sigma1 @ sigma2)``
-    (the pytorch-fid formula): no complex parts to discard, and no failure on singular
-    covariances (fewer samples than dimensions).
+    Uses a Cholesky factor (eigh square root if singular) and one symmetric eigenvalue solve
+    instead of ``scipy.linalg.sqrtm(sigma1 @ sigma2)`` (the pytorch-fid formula): no complex parts
+    to discard, and no failure on singular covariances (fewer samples than dimensions).
     """
     mu1 = _as_float64(mu1, "mu1")
     sigma1, mu2, sigma2 = (_as_float64(value, name).to(mu1.device)
@@ -186,7 +196,7 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     _check_gaussian(mu2, sigma2, "second Gaussian")
     if mu1.shape != mu2.shape:
         raise ValueError(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]}")
-    return _frechet_distance_half(mu1, sqrtm_psd(sigma1), torch.trace(sigma1), mu2, sigma2)
+    return _frechet_distance_half(mu1, psd_factor(sigma1), torch.trace(sigma1), mu2, sigma2)
 
 
 def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
@@ -202,7 +212,7 @@ def bootstrap_fid(features_gen: ArrayLike, ref: FeatureStats, num_resamples: int
     ``std`` is the sample standard deviation (ddof=1) of the resampled FIDs: the bootstrap
     estimate of the standard error of FID at this n from sampling the generated set alone (the
     reference is held fixed). Deterministic given ``seed``. The reference's covariance square
-    root is computed once and reused, so each resample costs one eigvalsh.
+    factor is computed once and reused, so each resample costs one eigvalsh.
     """
     features = _as_float64(features_gen, "features_gen")
     if features.dim() != 2 or features.shape[1] != ref.dim:
@@ -214,7 +224,7 @@ def bootstrap_fid(features_gen: ArrayLike, ref: FeatureStats, num_resamples: int
     ref = ref.to(features.device)
     mu_ref, sigma_ref = ref.mean(), ref.covariance()
     _check_gaussian(mu_ref, sigma_ref, "reference")
-    sigma_ref_half, trace_ref = sqrtm_psd(sigma_ref), torch.trace(sigma_ref)
+    sigma_ref_factor, trace_ref = psd_factor(sigma_ref), torch.trace(sigma_ref)
     generator = torch.Generator().manual_seed(seed)
     num_samples = features.shape[0]
     fids = []
@@ -225,6 +235,6 @@ def bootstrap_fid(features_gen: ArrayLike, ref: FeatureStats, num_resamples: int
         centred = resample - mu
         sigma = centred.T @ centred / (num_samples - 1)
         # FID is symmetric in its two Gaussians; putting the reference first reuses its sqrt.
-        fids.append(_frechet_distance_half(mu_ref, sigma_ref_half, trace_ref, mu, sigma))
+        fids.append(_frechet_distance_half(mu_ref, sigma_ref_factor, trace_ref, mu, sigma))
     values = torch.tensor(fids, dtype=torch.float64)
     return float(values.mean()), float(values.std(correction=1))

@@ -13,6 +13,11 @@ TINY_TRAIN = {"num_workers": 1, "log_every_steps": 2, "sample_every_steps": 4, "
               "gan": {"width": 8, "num_steps": 4}, "vae": {"width": 8, "num_steps": 4}}
 
 
+TINY_OTHERS = {"featurizer": {"num_epochs": 1, "min_val_accuracy": 0.0},
+               "evaluate": {"num_samples": 200, "kid_subset_size": 100, "kid_num_subsets": 5, "bootstrap_resamples": 2,
+                            "iwae_num_samples": 2, "reference_max_samples": 500}}
+
+
 def _shrink_training(project):
     path = project / "params.yaml"
     params = yaml.safe_load(path.read_text())
@@ -21,6 +26,8 @@ def _shrink_training(project):
             params["train"][key].update(value)
         else:
             params["train"][key] = value
+    for section, values in TINY_OTHERS.items():
+        params[section].update(values)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -33,7 +40,7 @@ def _run(cwd, *args):
 def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
     _shrink_training(project_copy)
     out = _run(project_copy, "dvc", "repro")
-    for stage in ("prepare", "train@gan", "train@vae"):
+    for stage in ("prepare", "featurizer", "train@gan", "train@vae", "evaluate@gan", "evaluate@vae"):
         assert f"Running stage '{stage}'" in out
     manifest = json.loads((project_copy / "data/shards/manifest.json").read_text())
     assert manifest["source"] == "mnist5k" and manifest["image_size"] == 28
@@ -43,6 +50,8 @@ def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
         assert json.loads((project_copy / f"metrics/train_{family}.json").read_text())["step"] == 4
     shown = _run(project_copy, "dvc", "metrics", "show")
     assert "metrics/train_gan.json" in shown and "loss_d" in shown
+    assert "metrics/eval_gan.json" in shown and "fid" in shown and "metrics/eval_vae.json" in shown and "iwae" in shown
+    assert "metrics/featurizer.json" in shown and "val_accuracy" in shown
     assert (project_copy / "mlruns.db").exists() and (project_copy / "mlartifacts").is_dir()
     lock = (project_copy / "dvc.lock").read_text()
 
@@ -54,6 +63,7 @@ def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
     _run(project_copy, "git", "add", "-A")
     _run(project_copy, "git", "commit", "-q", "-m", "baseline")
     _run(project_copy, "dvc", "exp", "run", "-S", "prepare.image_size=32")
+    assert "metrics/eval_gan.json" in _run(project_copy, "dvc", "metrics", "diff")  # the new numbers vs the baseline commit
     manifest = json.loads((project_copy / "data/shards/manifest.json").read_text())
     assert manifest["image_size"] == 32 and manifest["params"]["image_size"] == 32
     assert "image_size: 32" in (project_copy / "params.yaml").read_text()

@@ -1,0 +1,121 @@
+"""Featurizer and evaluation on the real embedded data: classifier accuracy, FID sanity, the
+evaluate stage end to end (metrics file, cache, MLflow), VAE likelihood bounds."""
+
+import json
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from genmodels.config import FeaturizerParams, parse_params
+from genmodels.data.loader import read_split
+from genmodels.metrics.evaluate import SignatureMismatch, check_comparable, evaluate
+from genmodels.metrics.features import INCEPTION_WEIGHTS_FILE, load_extractor
+from genmodels.metrics.featurizer import train_featurizer
+from genmodels.metrics.fid import FeatureStats, fid_from_stats
+from genmodels.models import build_gan, build_vae
+from genmodels.tracking import open_run, resolve_tracking
+
+SMALL_EVAL = {"num_samples": 300, "kid_subset_size": 100, "kid_num_subsets": 10, "bootstrap_resamples": 3,
+              "iwae_num_samples": 5, "reference_max_samples": 1000}
+
+
+@pytest.fixture(scope="module")
+def featurizer(mnist_shards, tmp_path_factory):
+    """The shipped featurizer params on mnist5k: the accuracy the offline FID stands on."""
+    out = tmp_path_factory.mktemp("featurizer")
+    summary = train_featurizer(FeaturizerParams(), mnist_shards, out / "model", out / "featurizer.json")
+    return out / "model", summary
+
+
+def test_domain_classifier_reaches_97_percent_on_mnist5k(featurizer):
+    model_dir, summary = featurizer
+    assert summary["val_accuracy"] >= 0.97, summary
+    assert json.loads((model_dir / "config.json").read_text())["val_accuracy"] == summary["val_accuracy"]
+
+
+def test_fid_grows_monotonically_with_noise_on_real_features(featurizer, mnist_shards):
+    extractor = load_extractor("domain", featurizer_dir=featurizer[0])
+    reference = FeatureStats.from_features(torch.cat([extractor.features(x) for x, _ in read_split(mnist_shards, "train", limit=2000)]))
+    val = torch.cat([x for x, _ in read_split(mnist_shards, "val")])
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(val.shape, generator=generator)
+    fids = [fid_from_stats(reference, FeatureStats.from_features(extractor.features((val + sigma * noise).clamp(-1, 1))))
+            for sigma in (0.0, 0.1, 0.25, 0.5, 1.0)]
+    assert fids == sorted(fids) and fids[-1] > 5 * fids[0], fids
+
+
+def _fake_trained_model(project, family, mnist_shards):
+    """A models/<family>/ as the train stage writes it (random weights; Ray is not the subject here)."""
+    params = parse_params({"train": {"gan": {"width": 8, "latent_dim": 16}, "vae": {"width": 8, "latent_dim": 8}}}).train
+    spec = getattr(params, family)
+    if family == "gan":
+        model, _ = build_gan(spec.preset, image_size=28, channels=1, latent_dim=spec.latent_dim, width=spec.width,
+                             spectral_norm=spec.spectral_norm, d_norm=spec.d_norm)
+        weights = {"generator": model.state_dict()}
+    else:
+        model = build_vae(spec.preset, image_size=28, channels=1, latent_dim=spec.latent_dim, width=spec.width, likelihood=spec.likelihood)
+        weights = {"vae": model.state_dict()}
+    target = project / "models" / family
+    target.mkdir(parents=True)
+    torch.save(weights, target / "weights.pt")
+    (target / "config.json").write_text(json.dumps({"family": family, "image_size": 28, "channels": 1, family: spec.model_dump()}))
+    tracking = resolve_tracking(project)
+    run_id, _ = open_run(tracking, experiment="genmodels", run_key=f"eval-test-{family}", run_name=family, params={}, tags={})
+    (target / "mlflow.json").write_text(json.dumps({"tracking_uri": tracking.uri, "run_id": run_id}))
+    return tracking, run_id
+
+
+def test_evaluate_gan_writes_metrics_signature_cache_and_mlflow(featurizer, mnist_shards, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    tracking, run_id = _fake_trained_model(tmp_path, "gan", mnist_shards)
+    params = parse_params({"evaluate": {**SMALL_EVAL, "cache_dir": str(tmp_path / "cache")}})
+    record = evaluate(params, "gan", models_dir=tmp_path / "models", shards=mnist_shards, featurizer_dir=featurizer[0],
+                      metrics_dir=tmp_path / "metrics")
+    written = json.loads((tmp_path / "metrics/eval_gan.json").read_text())
+    assert written == json.loads(json.dumps(record))
+    for key in ("fid", "fid_bootstrap_std", "kid", "kid_std", "precision", "recall", "density", "coverage", "classifier_score"):
+        assert isinstance(written[key], float), key
+    assert written["fid"] > 0 and written["fid_bootstrap_std"] > 0 and 0 <= written["precision"] <= 1
+    assert written["featurizer_val_accuracy"] == featurizer[1]["val_accuracy"]
+    signature = written["signature"]
+    assert signature["extractor"].startswith("domain-cnn") and signature["num_real"] == 1000 and signature["num_generated"] == 300
+    assert len(list((tmp_path / "cache").glob("reference-*.pt"))) == 1
+    again = evaluate(params, "gan", models_dir=tmp_path / "models", shards=mnist_shards, featurizer_dir=featurizer[0],
+                     metrics_dir=tmp_path / "metrics")
+    assert again["signature"] == signature and again["fid"] == pytest.approx(record["fid"], rel=1e-9)  # from the cache
+    run = MlflowClient(tracking.uri).get_run(run_id)
+    assert run.data.metrics["eval/fid"] == pytest.approx(record["fid"])
+    assert run.data.tags["eval.signature.extractor_sha256"] == signature["extractor_sha256"]
+    assert any("eval_samples" in a.path for a in MlflowClient(tracking.uri).list_artifacts(run_id, "images"))
+    other = {**record, "signature": {**signature, "num_generated": 5000}}
+    with pytest.raises(SignatureMismatch, match="num_generated: 300 vs 5000"):
+        check_comparable(record, other)
+    check_comparable(record, again)
+
+
+def test_evaluate_vae_reports_bounds_in_nats(featurizer, mnist_shards, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    _fake_trained_model(tmp_path, "vae", mnist_shards)
+    params = parse_params({"evaluate": {**SMALL_EVAL, "cache_dir": str(tmp_path / "cache")}})
+    record = evaluate(params, "vae", models_dir=tmp_path / "models", shards=mnist_shards, featurizer_dir=featurizer[0],
+                      metrics_dir=tmp_path / "metrics")
+    assert record["elbo"] < 0 and record["iwae"] >= record["elbo"]  # log p(x) >= IWAE_k >= ELBO
+    assert record["num_val"] == load_num_val(mnist_shards) and record["iwae_num_samples"] == 5
+    assert "recon_fid" in record and "fid" in record
+
+
+def load_num_val(shards):
+    return json.loads((shards / "manifest.json").read_text())["splits"]["val"]["num_samples"]
+
+
+def test_inception_without_weights_or_extra_fails_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    with pytest.raises(FileNotFoundError, match=f"{INCEPTION_WEIGHTS_FILE}.*never downloaded"):
+        load_extractor("inception", inception_weights=str(tmp_path / "missing.pth"))
+    weights = tmp_path / INCEPTION_WEIGHTS_FILE
+    weights.write_bytes(b"not really weights")
+    with pytest.raises(ImportError, match=r"pip install 'genmodels\[inception\]'"):
+        load_extractor("inception", inception_weights=str(weights))
