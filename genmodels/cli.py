@@ -27,7 +27,8 @@ def _train(args: argparse.Namespace) -> None:
     from genmodels.train.run import train
 
     params = load_params(args.params, args.set)
-    summary = train(params, args.family, shards=args.shards, models_dir=args.models, metrics_dir=args.metrics)
+    summary = train(params, args.family, shards=args.shards, models_dir=args.models, metrics_dir=args.metrics,
+                    featurizer_dir=args.featurizer)
     print(f"train {args.family}: {summary['step']} steps in {summary['wall_s']} s; "
           f"models/{args.family}/ written; MLflow run {summary['mlflow_run_id']}")
 
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--shards", default="data/shards")
     train.add_argument("--models", default="models", help="parent of models/<family>/")
     train.add_argument("--metrics", default="metrics", help="where train_<family>.json and the curve CSV go")
+    train.add_argument("--featurizer", default="models/featurizer", help="domain classifier for the periodic GAN FID")
     train.set_defaults(run=_train)
     featurizer = commands.add_parser("featurizer", help="train the domain classifier behind the offline FID")
     featurizer.add_argument("--shards", default="data/shards")

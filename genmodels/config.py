@@ -119,6 +119,11 @@ class TrainParams(_Section):
     log_every_steps: Annotated[int, Field(ge=1)] = 25
     sample_every_steps: Annotated[int, Field(ge=1)] = 250
     checkpoint_every_steps: Annotated[int, Field(ge=1)] = 250
+    eval_every_steps: Annotated[int, Field(ge=0)] = 500
+    """Periodic evaluation, spread over the ranks: GAN FID in the domain feature space (needs the
+    featurizer stage's output), VAE val ELBO; logged as eval/* and reported to Ray (Tune). 0: off."""
+    eval_num_samples: Annotated[int, Field(ge=10)] = 2000
+    """Generated images per periodic GAN FID (all ranks together)."""
     num_checkpoints_kept: Annotated[int, Field(ge=1)] = 2
     max_failures: Annotated[int, Field(ge=-1)] = 1
     """Ray `FailureConfig(max_failures)`: restarts from the latest checkpoint after a worker dies; -1 = forever."""

@@ -35,7 +35,8 @@ PROGRESS_METRIC = "train/epoch"  # logged at every log step: its last step tells
 # Keys that change how a run is operated, not what it computes: a resumed run may change them
 # (num_steps included: raising it extends a finished run from its last checkpoint).
 OPERATIONAL_KEYS = {"num_steps", "max_failures", "num_checkpoints_kept", "log_every_steps", "sample_every_steps",
-                    "checkpoint_every_steps", "storage_path", "run_name", "experiment", "loader_workers"}
+                    "checkpoint_every_steps", "storage_path", "run_name", "experiment", "loader_workers",
+                    "eval_every_steps", "eval_num_samples"}
 
 
 class TrainJob(BaseModel):
@@ -54,6 +55,9 @@ class TrainJob(BaseModel):
     `train.run_name` can still resume across a bug fix."""
     tracking_uri: str
     run_id: str
+    featurizer_dir: str = ""
+    eval_reference: str = ""
+    """FeatureStats file of the reference split in the featurizer's space (periodic GAN FID)."""
     fault: str = ""
     """Chaos hook for tests, `raise|kill:RANK:STEP:MARKER_FILE` (from GENMODELS_FAULT): the first
     time RANK reaches STEP it raises or SIGKILLs itself; the marker makes it one-shot."""
@@ -102,6 +106,7 @@ def train_loop_per_worker(config: dict) -> dict:
         with checkpoint.as_directory() as directory:
             step = load_bundle(Path(directory), task.state(), rank=rank, config=job.identity())["step"]
     logger = _rank_zero_logger(job, task) if rank == 0 else None
+    evaluator = PeriodicEval(job, task, rank=rank, world_size=world_size) if params.eval_every_steps else None
 
     steps_per_epoch, batch = len(loader), params.batch_size_per_worker
     sums, count, window_start, window_step = None, 0, time.perf_counter(), step
@@ -130,13 +135,66 @@ def train_loop_per_worker(config: dict) -> dict:
             if logger and (step % params.sample_every_steps == 0 or step == family.num_steps):
                 for key, images_out in task.sample_grid_images().items():
                     logger.log_image(key, image_grid(images_out), step)
-            if step % params.checkpoint_every_steps == 0 or step == family.num_steps:
+            done = step == family.num_steps
+            if evaluator and (step % params.eval_every_steps == 0 or done):
+                evaluated = evaluator(step)
+                reported.update(evaluated)
+                if logger:
+                    logger.log_metrics(evaluated, step)
+            if step % params.checkpoint_every_steps == 0 or done:
                 with bundle_dir(task.state(), rank=rank, step=step, epoch=epoch, config=job.identity(), run_id=job.run_id) as d:
                     ray.train.report({"step": step, **reported}, checkpoint=ray.train.Checkpoint.from_directory(d),
                                      checkpoint_dir_name=f"step_{step:08d}")
+            elif evaluator and step % params.eval_every_steps == 0:
+                ray.train.report({"step": step, **reported})  # Tune sees every evaluation, checkpoint or not
             if step >= family.num_steps:
                 break
     return {"step": step}
+
+
+class PeriodicEval:
+    """Evaluation during training, spread over the DDP ranks: each rank generates (GAN) or scores
+    (VAE) its share, and sums are all-reduced, so N ranks do 1/N of the work each."""
+
+    def __init__(self, job: TrainJob, task, *, rank: int, world_size: int):
+        self.job, self.task, self.rank, self.world_size = job, task, rank, world_size
+        params = job.params
+        if job.family == "gan":
+            from genmodels.metrics.features import load_extractor
+            from genmodels.metrics.fid import FeatureStats
+
+            self.extractor = load_extractor("domain", featurizer_dir=job.featurizer_dir, device=task.device)
+            self.reference = FeatureStats.load(job.eval_reference)
+            self.num_local = params.eval_num_samples // world_size + (rank < params.eval_num_samples % world_size)
+        else:
+            from genmodels.data.loader import read_split
+            from genmodels.metrics.likelihood import binarize
+
+            images = torch.cat([x for x, _ in read_split(job.shards, "val")])[rank::world_size]
+            if job.params.vae.likelihood == "bernoulli":  # the evaluate stage's rule: dynamic binarisation, fixed seed
+                images = binarize(images, torch.Generator().manual_seed(params.seed))
+            self.val_images = images.to(task.device)
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> dict[str, float]:
+        generator = torch.Generator(device=self.task.device).manual_seed(self.job.params.seed * 1_000_003 + self.rank)
+        if self.job.family == "gan":
+            from genmodels.metrics.fid import FeatureStats, fid_from_stats
+
+            stats = FeatureStats.zeros(self.reference.dim, device=self.task.device)
+            for start in range(0, self.num_local, 500):
+                z = torch.randn(min(500, self.num_local - start), self.job.params.gan.latent_dim, generator=generator,
+                                device=self.task.device)
+                stats.update(self.extractor.features(self.task.ema(z).clamp(-1, 1)).to(self.task.device))
+            stats.all_reduce_()
+            return {"eval/fid": fid_from_stats(self.reference, stats.to("cpu")), "eval/num_generated": float(stats.num_samples)}
+        from genmodels.metrics.likelihood import elbo_per_image
+
+        elbo = torch.cat([elbo_per_image(self.task.ema, chunk, generator) for chunk in self.val_images.split(250)])
+        totals = torch.stack([elbo.sum().double(), torch.tensor(float(len(elbo)), dtype=torch.float64, device=elbo.device)])
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+        return {"eval/elbo": float(totals[0] / totals[1]), "eval/num_val": float(totals[1])}
 
 
 def _rank_zero_logger(job: TrainJob, task):

@@ -35,6 +35,24 @@ class TrainError(RuntimeError):
     """Training failed; the message carries the worker's own error, not Ray's wrapping."""
 
 
+def _periodic_eval_inputs(params: Params, family: str, manifest, featurizer_dir: Path) -> dict:
+    """Featurizer and reference statistics for the periodic GAN FID, computed once here (cached)."""
+    if family != "gan" or not params.train.eval_every_steps:
+        return {}
+    from genmodels.metrics.evaluate import reference
+    from genmodels.metrics.features import load_extractor
+
+    try:
+        extractor = load_extractor("domain", featurizer_dir=featurizer_dir)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}; or set train.eval_every_steps: 0 to train without periodic FID") from None
+    stats, _, digest = reference(extractor, manifest, params.evaluate)
+    path = Path(params.evaluate.cache_dir).resolve() / f"train-reference-{digest[:24]}.pt"
+    if not path.exists():
+        stats.save(path)
+    return {"featurizer_dir": str(featurizer_dir.resolve()), "eval_reference": str(path)}
+
+
 def _storage_uri(storage_path: str, project_dir: Path) -> str:
     if "://" in storage_path:
         return storage_path
@@ -42,7 +60,7 @@ def _storage_uri(storage_path: str, project_dir: Path) -> str:
 
 
 def train(params: Params, family: str, *, shards: str | Path = "data/shards", models_dir: str | Path = "models",
-          metrics_dir: str | Path = "metrics", project_dir: str | Path = ".") -> dict:
+          metrics_dir: str | Path = "metrics", project_dir: str | Path = ".", featurizer_dir: str | Path = "models/featurizer") -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
@@ -69,7 +87,7 @@ def train(params: Params, family: str, *, shards: str | Path = "data/shards", mo
                                        "data": {"manifest_sha256": manifest_sha, "image_size": manifest.image_size,
                                                 "channels": manifest.channels, "num_train": manifest.split("train").num_samples}},
                                tags=tags)
-    job = draft.model_copy(update={"run_id": run_id})
+    job = draft.model_copy(update={"run_id": run_id, **_periodic_eval_inputs(params, family, manifest, Path(featurizer_dir))})
     resources = {"CPU": tp.cpus_per_worker, **({"GPU": 1} if tp.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,

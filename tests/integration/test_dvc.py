@@ -10,6 +10,7 @@ import subprocess
 import yaml
 
 TINY_TRAIN = {"num_workers": 1, "log_every_steps": 2, "sample_every_steps": 4, "checkpoint_every_steps": 4,
+              "eval_every_steps": 4, "eval_num_samples": 50,
               "gan": {"width": 8, "num_steps": 4}, "vae": {"width": 8, "num_steps": 4}}
 
 

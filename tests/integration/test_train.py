@@ -12,14 +12,15 @@ import ray
 import torch
 from mlflow import MlflowClient
 
-from genmodels.config import parse_params
+from genmodels.config import FeaturizerParams, parse_params
+from genmodels.metrics.featurizer import train_featurizer
 from genmodels.train.checkpoint import STATE_FILE
 from genmodels.train.run import TrainError, train
 from tests.integration.mlflow_server import start_mlflow_server
 
 TINY = {
     "num_workers": 2, "batch_size_per_worker": 32, "log_every_steps": 4, "sample_every_steps": 6,
-    "checkpoint_every_steps": 4, "num_checkpoints_kept": 10, "max_failures": 0,
+    "checkpoint_every_steps": 4, "num_checkpoints_kept": 10, "max_failures": 0, "eval_every_steps": 0,
     "gan": {"width": 8, "num_steps": 12, "latent_dim": 16}, "vae": {"width": 8, "num_steps": 8, "latent_dim": 8},
 }
 
@@ -56,9 +57,9 @@ def _history(url, run_id, key):
     return [(m.step, m.value) for m in sorted(MlflowClient(url).get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def _train(project, mnist_shards, family="gan", **train_params):
+def _train(project, mnist_shards, family="gan", featurizer_dir=None, **train_params):
     return train(_params(**train_params), family, shards=mnist_shards, models_dir=project / "models",
-                 metrics_dir=project / "metrics", project_dir=project)
+                 metrics_dir=project / "metrics", project_dir=project, featurizer_dir=featurizer_dir or project / "no-featurizer")
 
 
 def test_gan_on_two_workers_logs_to_mlflow_and_keeps_ranks_identical(ray_runtime, project, mnist_shards, mlflow_url):
@@ -138,3 +139,30 @@ def test_more_workers_than_the_cluster_has_fails_fast(ray_runtime, project, mnis
     with pytest.raises(RuntimeError, match=r"train.num_workers=16 x cpus_per_worker=1.0 needs \{'CPU': 16.0\}, but the Ray cluster has \{'CPU': 2.0\}"):
         _train(project, mnist_shards, num_workers=16)
     assert not (project / "ray_results").exists()
+
+
+@pytest.fixture(scope="module")
+def quick_featurizer(mnist_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("featurizer")
+    train_featurizer(FeaturizerParams(num_epochs=1), mnist_shards, out / "model", out / "featurizer.json")
+    return out / "model"
+
+
+def test_periodic_eval_is_spread_over_ranks_and_reported(ray_runtime, project, mnist_shards, mlflow_url, quick_featurizer):
+    gan = _train(project, mnist_shards, run_name="gan-eval", eval_every_steps=6, eval_num_samples=101, featurizer_dir=quick_featurizer)
+    fid = _history(mlflow_url, gan["mlflow_run_id"], "eval/fid")
+    assert [s for s, _ in fid] == [6, 12] and all(v > 0 for _, v in fid)
+    # 101 = 51 generated on rank 0 + 50 on rank 1, merged by all-reduce: both ranks did their share.
+    assert [v for _, v in _history(mlflow_url, gan["mlflow_run_id"], "eval/num_generated")] == [101, 101]
+    assert gan["eval/fid"] == fid[-1][1]  # what Ray (and so Tune) received at the last report
+
+    vae = _train(project, mnist_shards, family="vae", run_name="vae-eval", eval_every_steps=4)
+    elbo = _history(mlflow_url, vae["mlflow_run_id"], "eval/elbo")
+    assert [s for s, _ in elbo] == [4, 8] and all(v < 0 for _, v in elbo)
+    num_val = json.loads((mnist_shards / "manifest.json").read_text())["splits"]["val"]["num_samples"]
+    assert [v for _, v in _history(mlflow_url, vae["mlflow_run_id"], "eval/num_val")] == [num_val, num_val]
+
+
+def test_periodic_gan_fid_without_a_featurizer_says_what_to_do(ray_runtime, project, mnist_shards):
+    with pytest.raises(FileNotFoundError, match="no trained domain classifier.*set train.eval_every_steps: 0"):
+        _train(project, mnist_shards, eval_every_steps=6)
