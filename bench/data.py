@@ -50,7 +50,7 @@ class PngFolder(Dataset):
                 source = io.BytesIO(response.read())
         else:
             source = where
-        pixels = np.asarray(Image.open(source))
+        pixels = np.array(Image.open(source))  # writable: torch.from_numpy warns on read-only arrays
         return torch.from_numpy(pixels).unsqueeze(0), label
 
 

@@ -73,7 +73,7 @@ def main() -> None:
     def params(num_workers: int):
         return parse_params({"train": {
             "num_workers": num_workers, "log_every_steps": args.log_every_steps, "sample_every_steps": 10**9,
-            "checkpoint_every_steps": 10**9, args.family: {"num_steps": args.num_steps},
+            "checkpoint_every_steps": 10**9, "eval_every_steps": 0, args.family: {"num_steps": args.num_steps},
         }})
 
     steady = lambda rates: statistics.mean(rates[1:])  # noqa: E731  (first window = warm-up)

@@ -77,6 +77,7 @@ def train(params: Params, family: str, *, shards: str | Path = "data/shards", mo
     run_name = tp.run_name or draft.default_run_name()
     storage = _storage_uri(tp.storage_path, project_dir)
 
+    eval_inputs = _periodic_eval_inputs(params, family, manifest, Path(featurizer_dir))  # fails before Ray starts
     ensure_ray()
     preflight(num_workers=tp.num_workers, cpus_per_worker=tp.cpus_per_worker, use_gpu=tp.use_gpu)
     tags = {**git_tags(project_dir), **runtime_tags(), "data.manifest_sha256": manifest_sha, "data.source": manifest.source,
@@ -87,7 +88,7 @@ def train(params: Params, family: str, *, shards: str | Path = "data/shards", mo
                                        "data": {"manifest_sha256": manifest_sha, "image_size": manifest.image_size,
                                                 "channels": manifest.channels, "num_train": manifest.split("train").num_samples}},
                                tags=tags)
-    job = draft.model_copy(update={"run_id": run_id, **_periodic_eval_inputs(params, family, manifest, Path(featurizer_dir))})
+    job = draft.model_copy(update={"run_id": run_id, **eval_inputs})
     resources = {"CPU": tp.cpus_per_worker, **({"GPU": 1} if tp.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
