@@ -42,6 +42,8 @@ test: install
 
 bench: install
 	python bench/data.py
+	python bench/train.py
+	python bench/fid.py --threads 2
 
 clean:
 	rm -rf $(VENV) data/shards

@@ -82,12 +82,11 @@ def train(params: Params, family: str, *, shards: str | Path = "data/shards", mo
     preflight(num_workers=tp.num_workers, cpus_per_worker=tp.cpus_per_worker, use_gpu=tp.use_gpu)
     tags = {**git_tags(project_dir), **runtime_tags(), "data.manifest_sha256": manifest_sha, "data.source": manifest.source,
             "ray.world_size": str(tp.num_workers), "ray.run_name": run_name, "genmodels.family": family}
+    resolved = {"family": family, "train": tp.model_dump(exclude={"gan", "vae"}), family: draft.family_params.model_dump(),
+                "data": {"shards": shards, "manifest_sha256": manifest_sha, "image_size": manifest.image_size,
+                         "channels": manifest.channels, "num_train": manifest.split("train").num_samples}}
     run_id, resumed = open_run(tracking, experiment=tp.experiment, run_key=f"{storage}/{run_name}", run_name=run_name,
-                               params={"family": family, "train": tp.model_dump(exclude={"gan", "vae"}),
-                                       family: draft.family_params.model_dump(),
-                                       "data": {"manifest_sha256": manifest_sha, "image_size": manifest.image_size,
-                                                "channels": manifest.channels, "num_train": manifest.split("train").num_samples}},
-                               tags=tags)
+                               params=resolved, tags=tags)
     job = draft.model_copy(update={"run_id": run_id, **eval_inputs})
     resources = {"CPU": tp.cpus_per_worker, **({"GPU": 1} if tp.use_gpu else {})}
     trainer = TorchTrainer(
@@ -114,10 +113,8 @@ def train(params: Params, family: str, *, shards: str | Path = "data/shards", mo
     target = Path(models_dir) / family
     tmp = staging_dir(target)
     torch.save(weights, tmp / "weights.pt")
-    resolved = {"family": family, "run_name": run_name, "storage": storage, "shards": shards, "manifest_sha256": manifest_sha,
-                "image_size": manifest.image_size, "channels": manifest.channels,
-                "train": tp.model_dump(exclude={"gan", "vae"}), family: draft.family_params.model_dump()}
-    (tmp / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+    config = {**resolved, "run_name": run_name, "storage": storage, "image_size": manifest.image_size, "channels": manifest.channels}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (tmp / "mlflow.json").write_text(json.dumps({"tracking_uri": tracking.uri, "run_id": run_id, "experiment": tp.experiment}, indent=2) + "\n")
     replace_dir(tmp, target)
 

@@ -166,3 +166,11 @@ def test_periodic_eval_is_spread_over_ranks_and_reported(ray_runtime, project, m
 def test_periodic_gan_fid_without_a_featurizer_says_what_to_do(ray_runtime, project, mnist_shards):
     with pytest.raises(FileNotFoundError, match="no trained domain classifier.*set train.eval_every_steps: 0"):
         _train(project, mnist_shards, eval_every_steps=6)
+
+
+def test_wgan_gp_double_backward_works_under_ddp(ray_runtime, project, mnist_shards):
+    summary = _train(project, mnist_shards, run_name="gan-wgan-gp",
+                     gan={"loss": "wgan-gp", "d_norm": "layer", "spectral_norm": True, "d_steps_per_g_step": 2, "num_steps": 4})
+    assert summary["step"] == 4
+    final = project / "ray_results" / "gan-wgan-gp" / "step_00000004"
+    assert len({p.read_text() for p in final.glob("weights_rank*.sha256")}) == 1
