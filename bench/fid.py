@@ -1,4 +1,4 @@
-"""FID from statistics: our eigh-based Frechet distance vs the classic scipy sqrtm formula, side by side.
+"""FID from statistics: our Cholesky + eigvalsh Frechet distance vs the classic scipy sqrtm formula, side by side.
 
     .venv/bin/python bench/fid.py [--dims 2048 128] [--num-samples 5000] [--repeats 3] [--threads 1]
 
@@ -8,7 +8,7 @@ For each feature dimension d: two random SPD covariances sigma = A A^T / n from 
 of sigma1 @ sigma2, real part kept), prints the median over repeats, the speed ratio and the
 relative difference of the two FIDs. A cell stops repeating once it has used ``--cell-budget-s``
 (d = 2048 takes seconds per call on one core). Also reports the images/s of
-``genmodels.metrics.features.extract_features`` (the domain CNN, random weights) when it exists.
+``genmodels.metrics.features.extract_features`` (the domain CNN, random weights).
 
 Both libraries run ``--threads`` BLAS/OpenMP threads (default 1): on a 2-core machine shared with
 a test run, two spin-waiting OpenMP threads per process made a 512 x 512 eigh 100x slower
@@ -18,23 +18,17 @@ a test run, two spin-waiting OpenMP threads per process made a 512 x 512 eigh 10
 from __future__ import annotations
 
 import argparse
-import inspect
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 import torch
 from threadpoolctl import threadpool_limits
 
-# Measure the checkout this file is in, not whichever copy the venv's editable install maps
-# `genmodels` to (it can point at another work tree).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from genmodels.metrics.fid import frechet_distance  # noqa: E402
+from genmodels.metrics.features import DomainClassifier, Extractor, extract_features
+from genmodels.metrics.fid import frechet_distance
 
 
 def scipy_frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -75,22 +69,12 @@ def bench_fid(dims: list[int], num_samples: int, repeats: int, budget_s: float) 
 
 
 def bench_features(num_images: int, repeats: int, budget_s: float) -> None:
-    try:
-        from genmodels.metrics.features import DomainClassifier, Extractor, extract_features
-    except ImportError as error:
-        print(f"feature extraction: skipped, genmodels.metrics.features has no extract_features yet ({error})")
-        return
     images = torch.rand(num_images, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    try:
-        # Throughput does not depend on the weights: an untrained classifier, no featurizer files needed.
-        model = DomainClassifier(channels=1, num_classes=10).eval()
-        extractor = Extractor(name="domain-cnn-random", weights_sha256="", resize_rule="none", dim=128,
-                              features=torch.no_grad()(model.features))
-        _, seconds, runs = timed(lambda: extract_features(extractor, images), repeats, budget_s)
-    except TypeError as error:
-        print(f"feature extraction: skipped, extract_features{inspect.signature(extract_features)} "
-              f"changed its interface: {error}")
-        return
+    # Throughput does not depend on the weights: an untrained classifier, no featurizer files needed.
+    model = DomainClassifier(channels=1, num_classes=10).eval()
+    extractor = Extractor(name="domain-cnn-random", weights_sha256="", resize_rule="none", dim=128,
+                          features=torch.no_grad()(model.features))
+    _, seconds, runs = timed(lambda: extract_features(extractor, images), repeats, budget_s)
     print(f"feature extraction: {num_images / seconds:,.0f} images/s (domain CNN, random weights, "
           f"{num_images} images of 1x28x28, median of {runs})")
 
