@@ -165,6 +165,7 @@ def _log_to_training_run(model_dir: Path, metrics: dict, signature: dict, sample
     run = json.loads((model_dir / "mlflow.json").read_text())
     step = last_logged_step(run["tracking_uri"], run["run_id"], "train/epoch")
     logger = RunLogger(run["tracking_uri"], run["run_id"], resume_after_step=-1)  # step may be 0: never drop
-    logger.log_metrics({f"eval/{k}": float(v) for k, v in metrics.items()}, step)
+    # "evaluate/", not "eval/": the periodic in-training FID already owns eval/fid at the last step.
+    logger.log_metrics({f"evaluate/{k}": float(v) for k, v in metrics.items()}, step)
     logger.set_tags({f"eval.signature.{k}": str(v) for k, v in signature.items()})
     logger.log_image("eval_samples", image_grid(samples), step)

@@ -86,7 +86,7 @@ def test_evaluate_gan_writes_metrics_signature_cache_and_mlflow(featurizer, mnis
                      metrics_dir=tmp_path / "metrics")
     assert again["signature"] == signature and again["fid"] == pytest.approx(record["fid"], rel=1e-9)  # from the cache
     run = MlflowClient(tracking.uri).get_run(run_id)
-    assert run.data.metrics["eval/fid"] == pytest.approx(record["fid"])
+    assert run.data.metrics["evaluate/fid"] == pytest.approx(record["fid"])
     assert run.data.tags["eval.signature.extractor_sha256"] == signature["extractor_sha256"]
     assert any("eval_samples" in a.path for a in MlflowClient(tracking.uri).list_artifacts(run_id, "images"))
     other = {**record, "signature": {**signature, "num_generated": 5000}}
