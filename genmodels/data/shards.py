@@ -29,7 +29,7 @@ from tqdm import tqdm
 from genmodels.config import PrepareParams
 from genmodels.data.sources import BadImage, Record, open_source
 from genmodels.data.transforms import resize_center_crop, to_channels
-from genmodels.files import replace_dir, staging_dir
+from genmodels.files import file_sha256, replace_dir, staging_dir
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val")
@@ -171,17 +171,9 @@ def _write_split(tmp, split, records, source, params, rejected, bar) -> SplitInf
             for i, (png, label) in enumerate(chunk):
                 writer.write({"__key__": f"{split}-{offset + i:08d}", "png": png, "cls": str(label).encode()})
             writer.close()
-        shards.append(ShardInfo(name=path.name, num_samples=len(chunk), num_bytes=path.stat().st_size, sha256=_sha256(path)))
+        shards.append(ShardInfo(name=path.name, num_samples=len(chunk), num_bytes=path.stat().st_size, sha256=file_sha256(path)))
         offset += len(chunk)
     return SplitInfo(num_samples=offset, shards=shards)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -198,6 +190,11 @@ def load_manifest(location: str | Path) -> Manifest:
     except ValueError as err:
         raise ShardError(f"{url}: not a genmodels shard manifest ({err.__class__.__name__}): {err}") from None
     return manifest.model_copy(update={"location": location})
+
+
+def manifest_sha256(manifest: Manifest) -> str:
+    """sha256 of the manifest file as stored: the identity of a prepared dataset."""
+    return hashlib.sha256(read_bytes(f"{manifest.location.rstrip('/')}/{MANIFEST_NAME}", what="manifest")).hexdigest()
 
 
 def check_shards(manifest: Manifest, split: str) -> None:

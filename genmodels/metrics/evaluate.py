@@ -20,7 +20,7 @@ import torch
 
 from genmodels.config import EvaluateParams, Params
 from genmodels.data.loader import read_split
-from genmodels.data.shards import MANIFEST_NAME, Manifest, load_manifest, read_bytes
+from genmodels.data.shards import Manifest, load_manifest, manifest_sha256
 from genmodels.data.transforms import image_grid
 from genmodels.files import write_text
 from genmodels.metrics.features import Extractor, extract_features, load_extractor
@@ -47,8 +47,7 @@ def check_comparable(a: dict, b: dict) -> None:
 
 def reference(extractor: Extractor, manifest: Manifest, params: EvaluateParams) -> tuple[FeatureStats, torch.Tensor, str]:
     """(stats, features for KID/PRDC, sha256 of the stats) of the reference split, from the cache when present."""
-    manifest_sha = hashlib.sha256(read_bytes(f"{manifest.location}/{MANIFEST_NAME}", what="manifest")).hexdigest()
-    key = hashlib.sha256(json.dumps([extractor.name, extractor.weights_sha256, manifest_sha, params.reference_split,
+    key = hashlib.sha256(json.dumps([extractor.name, extractor.weights_sha256, manifest_sha256(manifest), params.reference_split,
                                      params.reference_max_samples]).encode()).hexdigest()[:24]
     path = Path(params.cache_dir) / f"reference-{key}.pt"
     if path.is_file():

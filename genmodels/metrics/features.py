@@ -10,7 +10,6 @@ protocol signature, so numbers from different feature spaces are never compared.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from genmodels.files import file_sha256
 
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
@@ -58,10 +59,6 @@ class Extractor:
     """images float [-1, 1] [N, C, H, W] -> [N, dim]"""
     probabilities: Callable[[torch.Tensor], torch.Tensor] | None = None
     """images -> class probabilities [N, K], for an Inception-Score-style score; None if absent."""
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_extractor(kind: str, *, featurizer_dir: str | Path = "models/featurizer", inception_weights: str = "",

@@ -14,8 +14,8 @@ import torch
 from genmodels.config import FeaturizerParams
 from genmodels.data.loader import ShardLoader
 from genmodels.data.shards import load_manifest
-from genmodels.files import replace_dir, staging_dir, write_text
-from genmodels.metrics.features import file_sha256, train_domain_classifier
+from genmodels.files import file_sha256, replace_dir, staging_dir, write_text
+from genmodels.metrics.features import train_domain_classifier
 
 
 def train_featurizer(params: FeaturizerParams, shards: str | Path, out_dir: str | Path, metrics_path: str | Path) -> dict:

@@ -11,7 +11,6 @@ GANs; config.json: the resolved config; mlflow.json: the run to attach evaluatio
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -22,7 +21,7 @@ import torch
 
 from genmodels.cluster import ensure_ray, preflight
 from genmodels.config import Params
-from genmodels.data.shards import MANIFEST_NAME, load_manifest, read_bytes
+from genmodels.data.shards import load_manifest, manifest_sha256
 from genmodels.files import replace_dir, staging_dir, write_text
 from genmodels.train.checkpoint import read_exported
 from genmodels.train.loop import TrainJob, code_digest, train_loop_per_worker
@@ -70,7 +69,7 @@ def train(params: Params, family: str, *, shards: str | Path = "data/shards", mo
     tp = params.train
     shards = str(shards) if "://" in str(shards) else str(Path(shards).resolve())
     manifest = load_manifest(shards)
-    manifest_sha = hashlib.sha256(read_bytes(f"{shards}/{MANIFEST_NAME}", what="manifest")).hexdigest()
+    manifest_sha = manifest_sha256(manifest)
     tracking = resolve_tracking(project_dir)
     draft = TrainJob(family=family, params=tp, shards=shards, manifest_sha256=manifest_sha, image_size=manifest.image_size,
                      channels=manifest.channels, code_sha256=code_digest(), tracking_uri=tracking.uri, run_id="-", fault=os.environ.get("GENMODELS_FAULT", ""))
