@@ -48,6 +48,9 @@ class PrepareParams(_Section):
     """`skip` lists unreadable images in the manifest; `fail` fails the stage if any is rejected."""
     max_image_pixels: Annotated[int, Field(ge=64, le=1 << 30)] = 1 << 25
     """Decompression-bomb guard: images whose header claims more pixels are rejected unread."""
+    max_file_bytes: Annotated[int, Field(ge=1024, le=1 << 34)] = 1 << 26
+    """`folder:` sources: files larger than this (checked with stat before reading, and again
+    while reading, for files that grow) are rejected unread."""
 
     @field_validator("source")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -60,4 +61,38 @@ def write_bad_folder(root: Path) -> dict[str, str]:
     Image.fromarray(digit_like(6)).convert("1").save(bad / "bilevel.png")
     for name in ("palette.png", "palette_transparent.png", "cmyk.jpg", "sixteen_bit.png", "alpha.png", "bilevel.png"):
         cases[f"bad/{name}"] = "convert"
+    return cases
+
+
+def write_unsafe_folder(root: Path, outside: Path) -> dict[str, str]:
+    """Links, special files and a big file under `root/odd`, for `prepare.max_file_bytes=2048`:
+    each key maps to 'read' (accepted) or a word of the rejection reason. `outside` gets an image
+    that a link from `root` points to and that must never be read."""
+    cases = {}
+    odd = root / "odd"
+    odd.mkdir(parents=True, exist_ok=True)
+    outside.mkdir(parents=True, exist_ok=True)
+
+    Image.fromarray(digit_like(7)).save(odd / "plain.png")
+    cases["odd/plain.png"] = "read"
+    (odd / "linked.png").symlink_to("plain.png")  # a link inside the folder is fine
+    cases["odd/linked.png"] = "read"
+
+    Image.fromarray(digit_like(8)).save(outside / "secret.png")  # a valid image: only the link is wrong
+    (odd / "outside.png").symlink_to(outside / "secret.png")
+    cases["odd/outside.png"] = "outside the source folder"
+    (odd / "zero.png").symlink_to("/dev/zero")  # endless: reading it never finishes
+    cases["odd/zero.png"] = "outside the source folder"
+    os.mkfifo(odd / "pipe.png")  # opening it for reading blocks until a writer comes
+    cases["odd/pipe.png"] = "not a regular file (FIFO)"
+    png = io.BytesIO()
+    Image.fromarray(digit_like(9)).save(png, "PNG")
+    (odd / "big.png").write_bytes(png.getvalue().ljust(3000, b"\0"))  # Pillow would decode it
+    cases["odd/big.png"] = "more than prepare.max_file_bytes=2048"
+    (odd / "gone.png").symlink_to("missing.png")
+    cases["odd/gone.png"] = "dangling symlink"
+    (odd / "loop.png").symlink_to("loop.png")
+    cases["odd/loop.png"] = "symbolic links"
+    (odd / "ancestor").symlink_to(root, target_is_directory=True)  # followed, it would loop
+    cases["odd/ancestor"] = "symlinked directory"
     return cases

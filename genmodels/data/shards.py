@@ -103,7 +103,7 @@ def prepare_shards(params: PrepareParams, out_dir: str | Path, *, progress: bool
     crash or an `on_bad_image: fail` leaves the previous shards as they were.
     """
     out_dir = Path(out_dir)
-    source = open_source(params.source, max_image_pixels=params.max_image_pixels)
+    source = open_source(params.source, max_image_pixels=params.max_image_pixels, max_file_bytes=params.max_file_bytes)
     by_split: dict[str, list[tuple[str, Record]]] = {s: [] for s in SPLITS}
     for record in source.records:
         split, order = split_of(record.key, params.seed, params.val_fraction)

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from genmodels.config import PrepareParams
 from genmodels.data.loader import ShardLoader
 from genmodels.data.shards import PrepareError, iter_samples, load_manifest, prepare_shards
 from genmodels.data.sources import SourceError
-from tests.images import write_bad_folder, write_good_folder
+from tests.images import write_bad_folder, write_good_folder, write_unsafe_folder
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -67,6 +69,33 @@ def test_folder_with_bad_inputs_converts_or_rejects_each_with_a_reason(tmp_path)
     images, labels = next(iter(loader))
     assert images.shape == (len(good) + converted, 3, 16, 16)
     assert sorted(labels.tolist()) == sorted([0] * converted + [1] * 6 + [2] * 6)
+
+
+@pytest.mark.timeout(60)  # reading the FIFO or /dev/zero would hang: fail instead
+def test_folder_rejects_links_out_special_and_oversized_files_unread(tmp_path):
+    good = write_good_folder(tmp_path / "images")
+    cases = write_unsafe_folder(tmp_path / "images", tmp_path / "outside")
+    root = os.path.realpath(tmp_path / "images")
+    params = PrepareParams(
+        source=f"folder:{tmp_path / 'images'}", image_size=16, val_fraction=0.0, max_file_bytes=2048
+    )
+    manifest = prepare_shards(params, tmp_path / "shards")
+    rejected = {r.key: r.reason for r in manifest.rejected}
+    expected_rejects = {k: word for k, word in cases.items() if word != "read"}
+    assert set(rejected) == set(expected_rejects)
+    for key, word in expected_rejects.items():
+        assert word in rejected[key], (key, rejected[key])
+    assert rejected["odd/zero.png"] == f"symlink to /dev/zero, outside the source folder {root}"
+    assert rejected["odd/big.png"] == "file is 3000 bytes, more than prepare.max_file_bytes=2048"
+    assert rejected["odd/ancestor"].startswith(f"symlinked directory to {root}, not followed")
+    assert manifest.split("train").num_samples == len(good) + 2  # plain.png and the link to it
+    assert manifest.classes == ["cat", "dog", "odd"]
+
+    before = _tree_digest(tmp_path / "shards")
+    line = re.escape(f"\n  odd/outside.png: symlink to {os.path.realpath(tmp_path / 'outside' / 'secret.png')}, outside")
+    with pytest.raises(PrepareError, match=r"7 input\(s\) rejected(.|\n)*" + line):
+        prepare_shards(params.model_copy(update={"on_bad_image": "fail"}), tmp_path / "shards")
+    assert _tree_digest(tmp_path / "shards") == before
 
 
 def test_on_bad_image_fail_refuses_and_keeps_previous_shards(tmp_path):
