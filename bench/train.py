@@ -23,7 +23,8 @@ import torch
 from genmodels.config import PrepareParams, parse_params
 from genmodels.data.loader import ShardLoader
 from genmodels.data.shards import prepare_shards
-from genmodels.train.loop import TASKS
+from genmodels.families import FAMILIES, get_family
+from genmodels.train.ddp import Precision
 from genmodels.train.run import train
 
 
@@ -31,7 +32,8 @@ def plain_loop(params, family: str, shards: Path, num_steps: int, window: int) -
     """The same step function without Ray: images/s per window of `window` steps."""
     torch.set_num_threads(1)
     torch.manual_seed(params.train.seed)
-    task = TASKS[family](params.train, image_size=28, channels=1, device=torch.device("cpu"), world_size=1)
+    task = get_family(family).build_task(params.train, image_size=28, channels=1, device=torch.device("cpu"), world_size=1,
+                                         precision=Precision())
     loader = ShardLoader(shards, "train", batch_size_per_worker=params.train.batch_size_per_worker, seed=params.train.seed)
     rates, step, start = [], 0, time.perf_counter()
     while step < num_steps:
@@ -60,7 +62,7 @@ def ray_run(params, family: str, shards: Path, work: Path, name: str) -> tuple[l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted(TASKS), default="gan")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="gan")
     parser.add_argument("--num-steps", type=int, default=240)
     parser.add_argument("--log-every-steps", type=int, default=40)
     args = parser.parse_args()

@@ -14,6 +14,11 @@ import sys
 from genmodels.config import ConfigError, load_params
 
 
+# Families are looked up (and unknown names refused, listing the known ones) by the subcommand:
+# importing the registry here would make every stage depend on every model file.
+FAMILY_HELP = "a model family of genmodels.families (gan, vae, ...)"
+
+
 def _prepare(args: argparse.Namespace) -> None:
     from genmodels.data.shards import prepare_shards
 
@@ -24,8 +29,10 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from genmodels.families import get_family
     from genmodels.train.run import train
 
+    get_family(args.family)
     params = load_params(args.params, args.set)
     summary = train(params, args.family, shards=args.shards, models_dir=args.models, metrics_dir=args.metrics,
                     featurizer_dir=args.featurizer)
@@ -34,7 +41,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _featurizer(args: argparse.Namespace) -> None:
-    from genmodels.metrics.featurizer import train_featurizer
+    from genmodels.stages.featurizer import train_featurizer
 
     params = load_params(args.params, args.set)
     summary = train_featurizer(params.featurizer, args.shards, args.out, args.metrics)
@@ -42,8 +49,10 @@ def _featurizer(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from genmodels.metrics.evaluate import evaluate
+    from genmodels.families import get_family
+    from genmodels.stages.evaluate import evaluate
 
+    get_family(args.family)
     params = load_params(args.params, args.set)
     record = evaluate(params, args.family, models_dir=args.models, shards=args.shards, featurizer_dir=args.featurizer,
                       metrics_dir=args.metrics)
@@ -57,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="image source -> WebDataset shards + manifest.json")
     prepare.add_argument("--out", default="data/shards", help="shard directory (default: data/shards)")
     train = commands.add_parser("train", help="Ray Train DDP training of one family -> models/<family>/")
-    train.add_argument("family", choices=["gan", "vae"])
+    train.add_argument("family", help=FAMILY_HELP)
     train.add_argument("--shards", default="data/shards")
     train.add_argument("--models", default="models", help="parent of models/<family>/")
     train.add_argument("--metrics", default="metrics", help="where train_<family>.json and the curve CSV go")
@@ -69,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     featurizer.add_argument("--metrics", default="metrics/featurizer.json")
     featurizer.set_defaults(run=_featurizer)
     evaluate = commands.add_parser("evaluate", help="FID/KID/PRDC (GAN), ELBO/IWAE (VAE) -> metrics/eval_<family>.json + MLflow")
-    evaluate.add_argument("family", choices=["gan", "vae"])
+    evaluate.add_argument("family", help=FAMILY_HELP)
     evaluate.add_argument("--shards", default="data/shards")
     evaluate.add_argument("--models", default="models")
     evaluate.add_argument("--featurizer", default="models/featurizer")
@@ -90,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, RuntimeError, FileNotFoundError, ImportError) as err:
         print(f"genmodels {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"genmodels {args.command}: interrupted by SIGINT", file=sys.stderr)
+        return 130
+    except BaseException as err:
+        if (code := getattr(err, "exit_code", None)) is None:  # train.run.Interrupted: SIGINT or SIGTERM
+            raise
+        print(f"genmodels {args.command}: {err}", file=sys.stderr)
+        return code
     return 0
 
 

@@ -94,7 +94,7 @@ class VAEParams(_Section):
     """`train.vae`: architecture, likelihood and optimiser of the VAE family."""
 
     preset: Literal["conv", "seed"] = "conv"
-    latent_dim: Annotated[int, Field(ge=1, le=4096)] = 32
+    latent_dim: Annotated[int, Field(ge=1, le=4096)] = 16
     width: Annotated[int, Field(ge=4, le=1024)] = 32
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
     beta: Annotated[float, Field(ge=0)] = 1.0
@@ -116,6 +116,7 @@ class TrainParams(_Section):
     amp: Literal["none", "bf16", "fp16"] = "none"
     """Mixed precision on GPU; ignored (with a warning) on CPU."""
     sync_batchnorm: bool = False
+    """SyncBatchNorm across ranks; GPU only (NCCL), refused on CPU when params load."""
     batch_size_per_worker: Annotated[int, Field(ge=1, le=65536)] = 64
     loader_workers: Annotated[int, Field(ge=0, le=64)] = 0
     seed: Annotated[int, Field(ge=0)] = 0
@@ -138,6 +139,12 @@ class TrainParams(_Section):
     """MLflow experiment name."""
     gan: GANParams = GANParams()
     vae: VAEParams = VAEParams()
+
+    @model_validator(mode="after")
+    def _sync_batchnorm_needs_gpu(self) -> "TrainParams":
+        if self.sync_batchnorm and not self.use_gpu:
+            raise ValueError("sync_batchnorm: true needs use_gpu: true (PyTorch's SyncBatchNorm runs on CUDA only)")
+        return self
 
 
 class FeaturizerParams(_Section):

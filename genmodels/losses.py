@@ -49,10 +49,11 @@ def g_loss(kind: str, logits_fake: torch.Tensor) -> torch.Tensor:
 def interpolate(real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random points on the lines between real and fake images (Gulrajani et al. 2017 alg. 1),
     one uniform alpha per image; detached leaf with ``requires_grad`` so D can be differentiated
-    with respect to it."""
+    with respect to it. ``fake`` is cast to ``real``'s dtype: under autocast G returns bf16/fp16
+    while the data stays fp32, and ``torch.lerp`` (not an autocast op) refuses mixed dtypes."""
     alpha_shape = (real.shape[0],) + (1,) * (real.dim() - 1)
     alpha = torch.rand(alpha_shape, generator=generator, device=real.device, dtype=real.dtype)
-    return torch.lerp(real.detach(), fake.detach(), alpha).requires_grad_(True)
+    return torch.lerp(real.detach(), fake.detach().to(real.dtype), alpha).requires_grad_(True)
 
 
 def gradient_penalty(d_out_interp: torch.Tensor, interp: torch.Tensor, loss_scale: float = 1.0) -> torch.Tensor:
@@ -101,8 +102,8 @@ def reconstruction_nll(decoder_out: torch.Tensor, x: torch.Tensor, likelihood: s
     return nll.flatten(1).sum(1)
 
 
-def elbo(recon_nll: torch.Tensor, kl: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-    """Per-image training loss recon_nll + beta * kl, shape [B], in nats.
+def negative_elbo(recon_nll: torch.Tensor, kl: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """Per-image training loss recon_nll + beta * kl, shape [B], in nats (to minimise).
 
     With beta = 1 this is the negative ELBO; the ELBO itself is -(recon_nll + kl) whatever beta,
     since beta (Higgins et al. 2017) only re-weights the training objective.

@@ -235,3 +235,11 @@ def read_split(manifest: Manifest | str, split: str, *, limit: int | None = None
     for chunk in iter(lambda: list(itertools.islice(samples, batch_size)), []):
         images, labels = decode_batch(chunk, shape)
         yield to_float(images), labels
+
+
+def read_images(manifest: Manifest | str, split: str, *, limit: int | None = None) -> torch.Tensor:
+    """A whole split (its first `limit` samples) as one float [-1, 1] tensor [N, C, H, W]; N may be 0."""
+    manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    batches = [images for images, _ in read_split(manifest, split, limit=limit, batch_size=500)]
+    size = manifest.image_size
+    return torch.cat(batches) if batches else torch.empty(0, manifest.channels, size, size)

@@ -10,6 +10,7 @@ protocol signature, so numbers from different feature spaces are never compared.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from genmodels.files import file_sha256
 
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
@@ -70,6 +69,17 @@ def load_extractor(kind: str, *, featurizer_dir: str | Path = "models/featurizer
     raise ValueError(f'evaluate.extractor: expected "domain" or "inception", got {kind!r}')
 
 
+def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] rounded to the 256 grey levels that real images (8-bit PNG shards) have,
+    so generated and real images reach the feature extractor in the same form."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _domain_extractor(directory: Path, device: torch.device) -> Extractor:
     weights, config_path = directory / "weights.pt", directory / "config.json"
     if not weights.is_file() or not config_path.is_file():
@@ -83,13 +93,13 @@ def _domain_extractor(directory: Path, device: torch.device) -> Extractor:
 
     @torch.no_grad()
     def features(images: torch.Tensor) -> torch.Tensor:
-        return model.features(images.to(device)).double().cpu()
+        return model.features(quantize_8bit(images.to(device))).double().cpu()
 
     @torch.no_grad()
     def probabilities(images: torch.Tensor) -> torch.Tensor:
-        return F.softmax(model(images.to(device)).double(), dim=1).cpu()
+        return F.softmax(model(quantize_8bit(images.to(device))).double(), dim=1).cpu()
 
-    return Extractor(name=f"domain-cnn-{config['image_size']}px", weights_sha256=file_sha256(weights),
+    return Extractor(name=f"domain-cnn-{config['image_size']}px", weights_sha256=_file_sha256(weights),
                      resize_rule="none (native image size)", dim=config["feature_dim"], features=features,
                      probabilities=probabilities)
 
@@ -122,7 +132,7 @@ def _inception_extractor(weights: str, device: torch.device) -> Extractor:
             u8 = u8.repeat(1, 3, 1, 1)
         return model(u8.to(device))[0].double().cpu()
 
-    return Extractor(name="inception-v3-compat", weights_sha256=file_sha256(path),
+    return Extractor(name="inception-v3-compat", weights_sha256=_file_sha256(path),
                      resize_rule="grey->RGB, bilinear to 299 (TF1-compatible, inside torch-fidelity)", dim=2048, features=features)
 
 

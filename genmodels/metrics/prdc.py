@@ -69,3 +69,14 @@ def prdc(real: ArrayLike, fake: ArrayLike, k: int = 5, chunk_size: int = 1024) -
         "density": float(num_in_real_balls.mean() / k),
         "coverage": float((nearest_fake <= real_radii).to(torch.float64).mean()),
     }
+
+
+def equal_size(real: ArrayLike, fake: ArrayLike, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real, fake) with the larger set subsampled, without replacement and with a fixed seed, to
+    the size of the smaller: k-NN radii shrink as a set grows, so PRDC of unequal sets mixes
+    two scales (Naeem et al. 2020 use equal numbers of real and fake samples)."""
+    real, fake = _as_float64(real, "real"), _as_float64(fake, "fake")
+    size = min(real.shape[0], fake.shape[0])
+    generator = torch.Generator().manual_seed(seed)
+    pick = lambda x: x if x.shape[0] == size else x[torch.randperm(x.shape[0], generator=generator)[:size].to(x.device)]
+    return pick(real), pick(fake)

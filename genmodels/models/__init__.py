@@ -4,7 +4,8 @@
                      spectral_norm=False, d_norm="batch")
     vae = build_vae("conv", image_size=28, channels=1, latent_dim=32, width=32, likelihood="bernoulli")
 
-``latent_dim=None`` picks the preset's default (the seed blog used 128 for its GAN, 100 for its VAE).
+Every size comes from the caller (the typed `train.<family>` params): presets hold no defaults
+of their own, so `params.yaml` is the one place a latent size is set.
 """
 
 from dataclasses import dataclass
@@ -20,24 +21,14 @@ from genmodels.models.vae import VAE, conv_vae, seed_vae
 class GANPreset:
     generator: Callable[..., nn.Module]
     discriminator: Callable[..., nn.Module]
-    default_latent_dim: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class VAEPreset:
-    build: Callable[..., VAE]
-    default_latent_dim: int
 
 
 GAN_PRESETS: dict[str, GANPreset] = {
-    "dcgan": GANPreset(generator=DCGANGenerator, discriminator=DCGANDiscriminator, default_latent_dim=100),
-    "seed": GANPreset(generator=SeedGenerator, discriminator=SeedDiscriminator, default_latent_dim=128),
+    "dcgan": GANPreset(generator=DCGANGenerator, discriminator=DCGANDiscriminator),
+    "seed": GANPreset(generator=SeedGenerator, discriminator=SeedDiscriminator),
 }
 
-VAE_PRESETS: dict[str, VAEPreset] = {
-    "conv": VAEPreset(build=conv_vae, default_latent_dim=64),
-    "seed": VAEPreset(build=seed_vae, default_latent_dim=100),
-}
+VAE_PRESETS: dict[str, Callable[..., VAE]] = {"conv": conv_vae, "seed": seed_vae}
 
 
 def _lookup(kind: str, presets: dict, preset: str):
@@ -46,23 +37,21 @@ def _lookup(kind: str, presets: dict, preset: str):
     return presets[preset]
 
 
-def build_gan(preset: str, *, image_size: int, channels: int, latent_dim: int | None = None,
+def build_gan(preset: str, *, image_size: int, channels: int, latent_dim: int,
               width: int = 64, spectral_norm: bool = False, d_norm: str = "batch") -> tuple[nn.Module, nn.Module]:
     """Return (generator, discriminator) for ``preset`` (see ``GAN_PRESETS``)."""
     spec = _lookup("GAN", GAN_PRESETS, preset)
-    latent_dim = spec.default_latent_dim if latent_dim is None else latent_dim
     generator = spec.generator(image_size=image_size, channels=channels, latent_dim=latent_dim, width=width)
     discriminator = spec.discriminator(image_size=image_size, channels=channels, width=width,
                                        spectral_norm=spectral_norm, d_norm=d_norm)
     return generator, discriminator
 
 
-def build_vae(preset: str, *, image_size: int, channels: int, latent_dim: int | None = None,
+def build_vae(preset: str, *, image_size: int, channels: int, latent_dim: int,
               width: int = 64, likelihood: str = "bernoulli") -> VAE:
     """Return the VAE for ``preset`` (see ``VAE_PRESETS``)."""
-    spec = _lookup("VAE", VAE_PRESETS, preset)
-    latent_dim = spec.default_latent_dim if latent_dim is None else latent_dim
-    return spec.build(image_size=image_size, channels=channels, latent_dim=latent_dim,
+    build = _lookup("VAE", VAE_PRESETS, preset)
+    return build(image_size=image_size, channels=channels, latent_dim=latent_dim,
                       width=width, likelihood=likelihood)
 
 

@@ -73,7 +73,7 @@ class VAE(nn.Module):
         return self.to_image(self.decode(mu))
 
 
-def conv_vae(*, image_size: int, channels: int, latent_dim: int = 64, width: int = 64,
+def conv_vae(*, image_size: int, channels: int, latent_dim: int, width: int = 64,
              likelihood: str = "bernoulli") -> VAE:
     """VAE whose encoder is the DCGAN discriminator body (no normalisation) and whose decoder is
     the DCGAN generator body, so it covers 28, 32 and 64 pixel images."""
@@ -83,7 +83,7 @@ def conv_vae(*, image_size: int, channels: int, latent_dim: int = 64, width: int
     return VAE(encoder=encoder, decoder=decoder, latent_dim=latent_dim, likelihood=likelihood)
 
 
-def seed_vae(*, image_size: int, channels: int, latent_dim: int = 100, width: int = 64,
+def seed_vae(*, image_size: int, channels: int, latent_dim: int, width: int = 64,
              likelihood: str = "bernoulli") -> VAE:
     """VAE of the blog post we correct: two stride-2 convs -> dense -> (mu, logvar); the decoder
     is the seed GAN generator body (dense -> 4x4x8w -> three stride-2 ConvTranspose), cropped to

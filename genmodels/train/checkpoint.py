@@ -1,12 +1,13 @@
-"""One state bundle per checkpoint, restored by one `load_latest`.
+"""One state bundle per checkpoint, written by `bundle_dir`, restored by one `load_latest`.
 
 Layout of a checkpoint directory (Ray merges what every rank reports into one directory):
     state.pt           rank 0: every module/optimizer state by name, global step, epoch, the
                        resolved job config and the MLflow run id
     rng_rank<R>.pt     each rank: its torch (and CUDA) RNG state, so a resumed run draws the
                        same noise it would have drawn had it never stopped
-    weights_rank<R>.sha256   each rank: a digest of its module weights; the driver checks that
-                       all ranks agree (DDP keeps them identical; a mismatch means a broken step)
+    weights_rank<R>.sha256   each rank: a digest of its module weights and of the EMA model's
+                       buffers; the driver checks that all ranks agree (DDP keeps them
+                       identical; a mismatch means a broken step)
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def bundle_dir(objects: dict[str, object], *, rank: int, step: int, epoch: int, 
     with tempfile.TemporaryDirectory(prefix="genmodels-ckpt-") as tmp:
         path = Path(tmp)
         rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available():  # this rank's own device only: the others belong to other ranks
+            rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, path / _rng_file(rank))
         (path / f"weights_rank{rank}.sha256").write_text(weights_digest(objects))
         if rank == 0:
@@ -41,6 +42,15 @@ def bundle_dir(objects: dict[str, object], *, rank: int, step: int, epoch: int, 
             torch.save({"objects": state, "step": step, "epoch": epoch, "config": config, "mlflow_run_id": run_id},
                        path / STATE_FILE)
         yield path
+
+
+def load_latest(checkpoint, objects: dict[str, object], *, rank: int, config: dict) -> int:
+    """Restore `objects` and this rank's RNG in place from Ray's latest checkpoint
+    (`ray.train.get_checkpoint()`, None for a fresh run); returns the step to continue from."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        return load_bundle(Path(directory), objects, rank=rank, config=config)["step"]
 
 
 def load_bundle(directory: Path, objects: dict[str, object], *, rank: int, config: dict) -> dict:
@@ -63,7 +73,7 @@ def load_bundle(directory: Path, objects: dict[str, object], *, rank: int, confi
         rng = torch.load(rng_path, weights_only=True)
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+            torch.cuda.set_rng_state(rng["cuda"])
     return {k: bundle[k] for k in ("step", "epoch", "mlflow_run_id")}
 
 
@@ -75,14 +85,18 @@ def read_exported(directory: Path) -> dict:
     return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def weights_digest(objects: dict[str, object]) -> str:
-    """sha256 over every parameter of the modules in `objects`. Buffers are left out: BatchNorm
-    running stats legitimately differ between ranks (each updates them from its own batch; DDP
-    broadcasts rank 0's at the next forward, and rank 0's are what is saved)."""
+def weights_digest(objects: dict[str, object], *, with_buffers: tuple[str, ...] = ("ema",)) -> str:
+    """sha256 over every parameter of the modules in `objects`, plus the buffers of those named in
+    `with_buffers`: the EMA model's standing BatchNorm statistics must agree across ranks. The
+    live models' buffers are left out: their BatchNorm running stats legitimately differ between
+    ranks (each updates them from its own batch; rank 0's are what is saved)."""
     h = hashlib.sha256()
     for name, obj in sorted(objects.items()):
         if isinstance(obj, torch.nn.Module):
-            for key, tensor in sorted(obj.named_parameters()):
+            tensors = dict(obj.named_parameters())
+            if name in with_buffers:
+                tensors.update(obj.named_buffers())
+            for key, tensor in sorted(tensors.items()):
                 h.update(f"{name}.{key}".encode())
                 h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()

@@ -1,54 +1,123 @@
-"""The training driver: resolve config, data, MLflow run and Ray resources, fit, export.
+"""The training driver: resolve, open the MLflow run, fit on Ray, export, write metrics.
 
     from genmodels.train.run import train
     summary = train(params, "gan", shards="data/shards", models_dir="models", metrics_dir="metrics")
 
-Outputs: `models/<family>/` (weights.pt: final weights as torch state dicts, EMA generator for
-GANs; config.json: the resolved config; mlflow.json: the run to attach evaluation/registry to),
-`metrics/train_<family>.json` and `metrics/train_<family>_curve.csv` (DVC metrics and plots).
+Outputs: `models/<family>/` (weights.pt: the family's exported state dicts, e.g. the EMA
+generator for GANs; config.json: the resolved config; mlflow.json: the run to attach
+evaluation/registry to), `metrics/train_<family>.json` and `metrics/train_<family>_curve.csv`
+(DVC metrics and plots).
+
+Every exit ends the MLflow run: FINISHED, FAILED (an error, a digest mismatch, a failed export)
+or KILLED (SIGINT or SIGTERM, raised here as `Interrupted`; the CLI exits 130 or 143).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
-import os
+import shutil
+import signal
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from genmodels.cluster import ensure_ray, preflight
 from genmodels.config import Params
-from genmodels.data.shards import load_manifest, manifest_sha256
+from genmodels.data.shards import Manifest, load_manifest, manifest_sha256
+from genmodels.families import FAMILIES, Family, get_family
 from genmodels.files import replace_dir, staging_dir, write_text
+from genmodels.train.chaos import Chaos
 from genmodels.train.checkpoint import read_exported
 from genmodels.train.loop import TrainJob, code_digest, train_loop_per_worker
-
-CURVES = {"gan": ["train/loss_d", "train/loss_g", "train/d_real", "train/d_fake"], "vae": ["train/loss", "train/elbo", "train/kl", "train/recon_nll"]}
-EXPORTED = {"gan": {"generator": "ema", "discriminator": "discriminator"}, "vae": {"vae": "ema"}}
 
 
 class TrainError(RuntimeError):
     """Training failed; the message carries the worker's own error, not Ray's wrapping."""
 
 
-def _periodic_eval_inputs(params: Params, family: str, manifest, featurizer_dir: Path) -> dict:
-    """Featurizer and reference statistics for the periodic GAN FID, computed once here (cached)."""
-    if family != "gan" or not params.train.eval_every_steps:
+class Interrupted(BaseException):
+    """The driver received SIGINT or SIGTERM. A BaseException, like KeyboardInterrupt, so that
+    no `except Exception` swallows it on its way out; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """What `train` decided before anything ran: the job for the workers and the run's names."""
+
+    job: TrainJob
+    run_name: str
+    storage: str
+    config: dict
+    """The resolved config: MLflow params, and models/<family>/config.json."""
+    manifest: Manifest
+
+
+def train(params: Params, family: str, *, shards: str | Path = "data/shards", models_dir: str | Path = "models",
+          metrics_dir: str | Path = "metrics", project_dir: str | Path = ".", featurizer_dir: str | Path = "models/featurizer") -> dict:
+    from genmodels.tracking import finish_run, resolve_tracking
+
+    spec = get_family(family)
+    project_dir = Path(project_dir).resolve()
+    tracking = resolve_tracking(project_dir)
+    resolved = _resolve(params, spec, shards, project_dir, tracking.uri, Path(featurizer_dir))  # fails before Ray starts
+    ensure_ray()
+    with _interrupts_raise() as received:  # after ray.init, whose core worker installs a SIGTERM handler of its own
+        preflight(num_workers=params.train.num_workers, cpus_per_worker=params.train.cpus_per_worker, use_gpu=params.train.use_gpu)
+        job, resumed = _open_run(resolved, tracking, project_dir)
+        try:
+            result, wall_s = _fit(job, resolved, received)
+            step = _export(spec, result, resolved, job, Path(models_dir))
+            summary = _write_metrics(spec, result, job, step=step, wall_s=wall_s, resumed=resumed, metrics_dir=Path(metrics_dir))
+        except BaseException as err:
+            killed = bool(received) or isinstance(err, KeyboardInterrupt)
+            finish_run(job.tracking_uri, job.run_id, "KILLED" if killed else "FAILED")
+            if killed:
+                raise Interrupted(received[0] if received else signal.SIGINT) from None
+            raise
+        finish_run(job.tracking_uri, job.run_id, "FINISHED")
+    return summary
+
+
+def _resolve(params: Params, spec: Family, shards: str | Path, project_dir: Path, tracking_uri: str, featurizer_dir: Path) -> _Resolved:
+    tp = params.train
+    shards = str(shards) if "://" in str(shards) else str(Path(shards).resolve())
+    manifest = load_manifest(shards)
+    manifest_sha = manifest_sha256(manifest)
+    job = TrainJob(family=spec.name, params=tp, shards=shards, manifest_sha256=manifest_sha, image_size=manifest.image_size,
+                   channels=manifest.channels, code_sha256=code_digest(), tracking_uri=tracking_uri, run_id="-",
+                   chaos=Chaos.from_env(), **_periodic_eval_inputs(params, spec, manifest, featurizer_dir))
+    config = {"family": spec.name, "train": tp.model_dump(exclude=set(FAMILIES)), spec.name: job.family_params.model_dump(),
+              "data": {"shards": shards, "manifest_sha256": manifest_sha, "image_size": manifest.image_size,
+                       "channels": manifest.channels, "num_train": manifest.split("train").num_samples}}
+    return _Resolved(job=job, run_name=tp.run_name or job.default_run_name(), storage=_storage_uri(tp.storage_path, project_dir),
+                     config=config, manifest=manifest)
+
+
+def _periodic_eval_inputs(params: Params, spec: Family, manifest: Manifest, featurizer_dir: Path) -> dict:
+    """Featurizer and reference statistics for a periodic FID, computed once here (cached)."""
+    if not spec.needs_featurizer(params.train):
         return {}
-    from genmodels.metrics.evaluate import reference
     from genmodels.metrics.features import load_extractor
+    from genmodels.metrics.protocol import reference_stats
 
     try:
         extractor = load_extractor("domain", featurizer_dir=featurizer_dir)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{err}; or set train.eval_every_steps: 0 to train without periodic FID") from None
-    stats, _, digest = reference(extractor, manifest, params.evaluate)
-    path = Path(params.evaluate.cache_dir).resolve() / f"train-reference-{digest[:24]}.pt"
+    reference = reference_stats(extractor, manifest, params.evaluate)
+    path = Path(params.evaluate.cache_dir).resolve() / f"train-reference-{reference.sha256[:24]}.pt"
     if not path.exists():
-        stats.save(path)
+        reference.stats.save(path)
     return {"featurizer_dir": str(featurizer_dir.resolve()), "eval_reference": str(path)}
 
 
@@ -58,75 +127,127 @@ def _storage_uri(storage_path: str, project_dir: Path) -> str:
     return str((project_dir / storage_path).resolve())  # Ray needs absolute paths; workers chdir elsewhere
 
 
-def train(params: Params, family: str, *, shards: str | Path = "data/shards", models_dir: str | Path = "models",
-          metrics_dir: str | Path = "metrics", project_dir: str | Path = ".", featurizer_dir: str | Path = "models/featurizer") -> dict:
+def _open_run(resolved: _Resolved, tracking, project_dir: Path) -> tuple[TrainJob, bool]:
+    from genmodels.tracking import git_tags, open_run, runtime_tags
+
+    job, tp = resolved.job, resolved.job.params
+    tags = {**git_tags(project_dir), **runtime_tags(), "data.manifest_sha256": job.manifest_sha256,
+            "data.source": resolved.manifest.source, "ray.world_size": str(tp.num_workers), "ray.run_name": resolved.run_name,
+            "genmodels.family": job.family}
+    run_id, resumed = open_run(tracking, experiment=tp.experiment, run_key=f"{resolved.storage}/{resolved.run_name}",
+                               run_name=resolved.run_name, params=resolved.config, tags=tags)
+    return job.model_copy(update={"run_id": run_id}), resumed
+
+
+def _fit(job: TrainJob, resolved: _Resolved, received: list[int]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
 
-    from genmodels.tracking import finish_run, git_tags, metric_history, open_run, resolve_tracking, runtime_tags
-
-    project_dir = Path(project_dir).resolve()
-    tp = params.train
-    shards = str(shards) if "://" in str(shards) else str(Path(shards).resolve())
-    manifest = load_manifest(shards)
-    manifest_sha = manifest_sha256(manifest)
-    tracking = resolve_tracking(project_dir)
-    draft = TrainJob(family=family, params=tp, shards=shards, manifest_sha256=manifest_sha, image_size=manifest.image_size,
-                     channels=manifest.channels, code_sha256=code_digest(), tracking_uri=tracking.uri, run_id="-", fault=os.environ.get("GENMODELS_FAULT", ""))
-    run_name = tp.run_name or draft.default_run_name()
-    storage = _storage_uri(tp.storage_path, project_dir)
-
-    eval_inputs = _periodic_eval_inputs(params, family, manifest, Path(featurizer_dir))  # fails before Ray starts
-    ensure_ray()
-    preflight(num_workers=tp.num_workers, cpus_per_worker=tp.cpus_per_worker, use_gpu=tp.use_gpu)
-    tags = {**git_tags(project_dir), **runtime_tags(), "data.manifest_sha256": manifest_sha, "data.source": manifest.source,
-            "ray.world_size": str(tp.num_workers), "ray.run_name": run_name, "genmodels.family": family}
-    resolved = {"family": family, "train": tp.model_dump(exclude={"gan", "vae"}), family: draft.family_params.model_dump(),
-                "data": {"shards": shards, "manifest_sha256": manifest_sha, "image_size": manifest.image_size,
-                         "channels": manifest.channels, "num_train": manifest.split("train").num_samples}}
-    run_id, resumed = open_run(tracking, experiment=tp.experiment, run_key=f"{storage}/{run_name}", run_name=run_name,
-                               params=resolved, tags=tags)
-    job = draft.model_copy(update={"run_id": run_id, **eval_inputs})
+    tp = job.params
     resources = {"CPU": tp.cpus_per_worker, **({"GPU": 1} if tp.use_gpu else {})}
-    trainer = TorchTrainer(
+    trainer = _trainer_class(received)(
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=tp.num_workers, use_gpu=tp.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=run_name, storage_path=storage, failure_config=FailureConfig(max_failures=tp.max_failures),
+        run_config=RunConfig(name=resolved.run_name, storage_path=resolved.storage,
+                             failure_config=FailureConfig(max_failures=tp.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tp.num_checkpoints_kept)),
     )
     start = time.perf_counter()
     try:
         result = trainer.fit()
     except TrainingFailedError as err:
-        finish_run(tracking.uri, run_id, "FAILED")
+        if received:
+            raise  # aborted by a signal: `train` reports the signal, not the abort
         failures = getattr(err, "worker_failures", None) or {}
         first = next(iter(failures.values()), None)
-        raise TrainError(f"train {family}: run {run_name!r} failed: {first!r}" if first else f"train {family}: {err}") from None
-    wall_s = time.perf_counter() - start
+        raise TrainError(f"train {job.family}: run {resolved.run_name!r} failed: {first!r}" if first
+                         else f"train {job.family}: {err}") from None
+    if received:  # Train V2's SIGINT abort can end fit() without an error
+        raise KeyboardInterrupt
+    return result, time.perf_counter() - start
 
+
+def _export(spec: Family, result, resolved: _Resolved, job: TrainJob, models_dir: Path) -> int:
+    """models/<family>/ from the final checkpoint, after checking that every rank agreed."""
     with result.checkpoint.as_directory() as directory:
         bundle = read_exported(Path(directory))
-    objects = bundle["objects"]
-    weights = {name: objects[source] for name, source in EXPORTED[family].items()}
-    target = Path(models_dir) / family
+    weights = {name: bundle["objects"][source] for name, source in spec.exported.items()}
+    target = models_dir / spec.name
     tmp = staging_dir(target)
-    torch.save(weights, tmp / "weights.pt")
-    config = {**resolved, "run_name": run_name, "storage": storage, "image_size": manifest.image_size, "channels": manifest.channels}
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (tmp / "mlflow.json").write_text(json.dumps({"tracking_uri": tracking.uri, "run_id": run_id, "experiment": tp.experiment}, indent=2) + "\n")
-    replace_dir(tmp, target)
+    try:
+        torch.save(weights, tmp / "weights.pt")
+        config = {**resolved.config, "run_name": resolved.run_name, "storage": resolved.storage,
+                  "image_size": job.image_size, "channels": job.channels}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        mlflow = {"tracking_uri": job.tracking_uri, "run_id": job.run_id, "experiment": job.params.experiment}
+        (tmp / "mlflow.json").write_text(json.dumps(mlflow, indent=2) + "\n")
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return bundle["step"]
+
+
+def _write_metrics(spec: Family, result, job: TrainJob, *, step: int, wall_s: float, resumed: bool, metrics_dir: Path) -> dict:
+    """metrics/train_<family>.json (the last reported numbers) and the loss curves as CSV."""
+    from genmodels.tracking import metric_history
 
     final = {k.removeprefix("train/"): v for k, v in (result.metrics or {}).items()}
-    summary = {"family": family, "step": bundle["step"], "world_size": tp.num_workers, "wall_s": round(wall_s, 2),
-               "resumed": resumed, "mlflow_run_id": run_id, **final}
-    write_text(Path(metrics_dir) / f"train_{family}.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    rows = metric_history(tracking.uri, run_id, CURVES[family])
+    summary = {"family": spec.name, "step": step, "world_size": job.params.num_workers, "wall_s": round(wall_s, 2),
+               "resumed": resumed, "mlflow_run_id": job.run_id, **final}
+    write_text(metrics_dir / f"train_{spec.name}.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["step", *[k.removeprefix("train/") for k in CURVES[family]]])
+    writer = csv.DictWriter(buffer, fieldnames=["step", *[k.removeprefix("train/") for k in spec.curve_keys]])
     writer.writeheader()
-    for row in rows:
+    for row in metric_history(job.tracking_uri, job.run_id, list(spec.curve_keys)):
         writer.writerow({k.removeprefix("train/"): v for k, v in row.items()})
-    write_text(Path(metrics_dir) / f"train_{family}_curve.csv", buffer.getvalue())
-    finish_run(tracking.uri, run_id, "FINISHED")
+    write_text(metrics_dir / f"train_{spec.name}_curve.csv", buffer.getvalue())
     return summary
+
+
+@contextlib.contextmanager
+def _interrupts_raise():
+    """While training, SIGINT and SIGTERM are recorded in the yielded list and raise
+    KeyboardInterrupt in the main thread. SIGTERM's default action would end Python without
+    running a single `finally` (the MLflow run would stay RUNNING, a local Ray would be
+    orphaned); KeyboardInterrupt, not an exception of our own, because that is what Ray's
+    blocking `ray.get` lets through from a signal handler. Restores the previous handlers on the
+    way out, since Train V2 leaves its own SIGINT handler installed after `fit()`."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    for signum in previous:
+        signal.signal(signum, handler)
+    try:
+        yield received
+    finally:
+        for signum, action in previous.items():
+            signal.signal(signum, action)
+
+
+def _trainer_class(received: list[int]):
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        """Train V2 answers SIGINT during `fit()` with its own handler (data_parallel_trainer.py,
+        `_register_sigint_handler`): it aborts the run and calls sys.exit(0), which is
+        indistinguishable from a clean end. Wrap that handler to record the signal."""
+
+        def _register_sigint_handler(self, controller):
+            super()._register_sigint_handler(controller)
+            ray_handler = signal.getsignal(signal.SIGINT)
+
+            def handler(signum, frame):
+                received.append(signum)
+                ray_handler(signum, frame)
+
+            signal.signal(signal.SIGINT, handler)
+
+    return Trainer

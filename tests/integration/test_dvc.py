@@ -4,6 +4,7 @@ The shipped params.yaml is used with training shrunk to a few steps of tiny mode
 whole pipeline (prepare -> train@gan, train@vae on a local Ray) runs in a test.
 """
 
+import hashlib
 import json
 import subprocess
 
@@ -61,6 +62,9 @@ def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
     assert (project_copy / "dvc.lock").read_text() == lock
     assert "up to date" in _run(project_copy, "dvc", "status")
 
+    _failed_stages_keep_their_outputs(project_copy)
+    assert "up to date" in _run(project_copy, "dvc", "status")  # every output is still the one dvc.lock records
+
     _run(project_copy, "git", "add", "-A")
     _run(project_copy, "git", "commit", "-q", "-m", "baseline")
     _run(project_copy, "dvc", "exp", "run", "-S", "prepare.image_size=32")
@@ -69,6 +73,47 @@ def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
     assert manifest["image_size"] == 32 and manifest["params"]["image_size"] == 32
     assert "image_size: 32" in (project_copy / "params.yaml").read_text()
     assert json.loads((project_copy / "models/gan/config.json").read_text())["image_size"] == 32
+
+
+# (stage, params key, bad value, what the error says, outputs that must survive)
+FAILURES = [
+    ("prepare", "prepare.image_size", "large", 'prepare.image_size: expected an integer in [8, 512], got "large"', ["data/shards"]),
+    ("featurizer", "featurizer.lr", -1, "featurizer.lr: expected a number in (0, 1], got -1",
+     ["models/featurizer", "metrics/featurizer.json"]),
+    # Valid params, a failure after the work: the featurizer cannot reach 100% on one epoch.
+    ("featurizer", "featurizer.min_val_accuracy", 1.0, "< featurizer.min_val_accuracy 1.0",
+     ["models/featurizer", "metrics/featurizer.json"]),
+    ("train@gan", "train.gan.lr_g", 0, "train.gan.lr_g: expected a number in (0, 1], got 0",
+     ["models/gan", "metrics/train_gan.json", "metrics/train_gan_curve.csv"]),
+    ("evaluate@vae", "evaluate.num_samples", 1, "evaluate.num_samples: expected an integer >= 10, got 1",
+     ["metrics/eval_vae.json"]),
+]
+
+
+def _digest(path):
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _failed_stages_keep_their_outputs(project):
+    """Through `dvc repro`, which deletes a stage's outputs before its command unless they persist."""
+    params_path = project / "params.yaml"
+    original = params_path.read_text()
+    for stage, key, value, message, outputs in FAILURES:
+        before = {out: _digest(project / out) for out in outputs}
+        params = yaml.safe_load(original)
+        *parents, leaf = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        result = subprocess.run(["dvc", "repro", "-s", stage], cwd=project, capture_output=True, text=True)
+        assert result.returncode != 0, f"{stage} with {key}={value!r} did not fail"
+        assert message in result.stdout + result.stderr, (stage, result.stdout[-2000:], result.stderr[-2000:])
+        for out in outputs:
+            assert _digest(project / out) == before[out], f"{stage} failed and changed {out}"
+    params_path.write_text(original)
 
 
 def test_repro_with_bad_params_fails_with_the_key(project_copy):

@@ -6,15 +6,23 @@ import json
 import pytest
 import torch
 from mlflow import MlflowClient
+from PIL import Image
 
 from genmodels.config import FeaturizerParams, parse_params
 from genmodels.data.loader import read_split
-from genmodels.metrics.evaluate import SignatureMismatch, check_comparable, evaluate
-from genmodels.metrics.features import INCEPTION_WEIGHTS_FILE, load_extractor
-from genmodels.metrics.featurizer import train_featurizer
+from genmodels.config import PrepareParams
+from genmodels.data.shards import prepare_shards
+from genmodels.families import get_family
+from genmodels.families.vae import VAEPeriodicEval
+from genmodels.metrics.features import INCEPTION_WEIGHTS_FILE, load_extractor, quantize_8bit
 from genmodels.metrics.fid import FeatureStats, fid_from_stats
-from genmodels.models import build_gan, build_vae
+from genmodels.metrics.protocol import SignatureMismatch, check_comparable
+from genmodels.stages.evaluate import evaluate
+from genmodels.stages.featurizer import train_featurizer
 from genmodels.tracking import open_run, resolve_tracking
+from genmodels.train.ddp import Precision
+from genmodels.train.loop import TrainJob
+from tests.images import digit_like, write_good_folder
 
 SMALL_EVAL = {"num_samples": 300, "kid_subset_size": 100, "kid_num_subsets": 10, "bootstrap_resamples": 3,
               "iwae_num_samples": 5, "reference_max_samples": 1000}
@@ -48,18 +56,13 @@ def test_fid_grows_monotonically_with_noise_on_real_features(featurizer, mnist_s
 def _fake_trained_model(project, family, mnist_shards):
     """A models/<family>/ as the train stage writes it (random weights; Ray is not the subject here)."""
     params = parse_params({"train": {"gan": {"width": 8, "latent_dim": 16}, "vae": {"width": 8, "latent_dim": 8}}}).train
-    spec = getattr(params, family)
-    if family == "gan":
-        model, _ = build_gan(spec.preset, image_size=28, channels=1, latent_dim=spec.latent_dim, width=spec.width,
-                             spectral_norm=spec.spectral_norm, d_norm=spec.d_norm)
-        weights = {"generator": model.state_dict()}
-    else:
-        model = build_vae(spec.preset, image_size=28, channels=1, latent_dim=spec.latent_dim, width=spec.width, likelihood=spec.likelihood)
-        weights = {"vae": model.state_dict()}
+    spec = get_family(family)
+    model = spec.build_generator(spec.params(params), image_size=28, channels=1)
+    weights = {spec.generator_key: model.state_dict()}
     target = project / "models" / family
     target.mkdir(parents=True)
     torch.save(weights, target / "weights.pt")
-    (target / "config.json").write_text(json.dumps({"family": family, "image_size": 28, "channels": 1, family: spec.model_dump()}))
+    (target / "config.json").write_text(json.dumps({"family": family, "image_size": 28, "channels": 1, family: spec.params(params).model_dump()}))
     tracking = resolve_tracking(project)
     run_id, _ = open_run(tracking, experiment="genmodels", run_key=f"eval-test-{family}", run_name=family, params={}, tags={})
     (target / "mlflow.json").write_text(json.dumps({"tracking_uri": tracking.uri, "run_id": run_id}))
@@ -81,6 +84,8 @@ def test_evaluate_gan_writes_metrics_signature_cache_and_mlflow(featurizer, mnis
     assert written["featurizer_val_accuracy"] == featurizer[1]["val_accuracy"]
     signature = written["signature"]
     assert signature["extractor"].startswith("domain-cnn") and signature["num_real"] == 1000 and signature["num_generated"] == 300
+    assert signature["prdc_num_samples"] == 300 and signature["prdc_k"] == 5  # PRDC on 300 real vs 300 generated
+    assert (signature["kid_subset_size"], signature["kid_num_subsets"], signature["seed"]) == (100, 10, 0)
     assert len(list((tmp_path / "cache").glob("reference-*.pt"))) == 1
     again = evaluate(params, "gan", models_dir=tmp_path / "models", shards=mnist_shards, featurizer_dir=featurizer[0],
                      metrics_dir=tmp_path / "metrics")
@@ -105,6 +110,48 @@ def test_evaluate_vae_reports_bounds_in_nats(featurizer, mnist_shards, tmp_path,
     assert record["elbo"] < 0 and record["iwae"] >= record["elbo"]  # log p(x) >= IWAE_k >= ELBO
     assert record["num_val"] == load_num_val(mnist_shards) and record["iwae_num_samples"] == 5
     assert "recon_fid" in record and "fid" in record
+    assert record["signature"]["recon_num_generated"] == record["num_val"] and record["signature"]["iwae_num_samples"] == 5
+
+
+def test_generated_images_are_quantized_to_8_bits_like_the_real_ones(featurizer):
+    extractor = load_extractor("domain", featurizer_dir=featurizer[0])
+    images = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1  # not on the 8-bit grid
+    torch.testing.assert_close(extractor.features(images), extractor.features(quantize_8bit(images)), rtol=0, atol=0)
+
+
+def test_periodic_vae_elbo_does_not_depend_on_the_world_size(mnist_shards):
+    params = parse_params({"train": {"vae": {"width": 8, "latent_dim": 8}}}).train
+    job = TrainJob(family="vae", params=params, shards=str(mnist_shards), manifest_sha256="-", image_size=28, channels=1,
+                   tracking_uri="-", run_id="-")
+    torch.manual_seed(0)
+    task = get_family("vae").build_task(params, image_size=28, channels=1, device=torch.device("cpu"), world_size=1,
+                                        precision=Precision())
+    totals = {}
+    for world_size in (1, 2, 3):
+        ranks = [VAEPeriodicEval(job, task, rank=rank, world_size=world_size) for rank in range(world_size)]
+        totals[world_size] = sum(float(r.local_sum()) for r in ranks) / ranks[0].num_val  # what all_reduce would sum
+    assert totals[2] == pytest.approx(totals[1], rel=1e-12) and totals[3] == pytest.approx(totals[1], rel=1e-12), totals
+
+
+def test_evaluate_vae_without_val_data_reports_sample_metrics_only(featurizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    shards = tmp_path / "shards"
+    prepare_shards(PrepareParams(source="mnist5k", val_fraction=0.0), shards)
+    _fake_trained_model(tmp_path, "vae", shards)
+    params = parse_params({"evaluate": {**SMALL_EVAL, "cache_dir": str(tmp_path / "cache")}})
+    record = evaluate(params, "vae", models_dir=tmp_path / "models", shards=shards, featurizer_dir=featurizer[0],
+                      metrics_dir=tmp_path / "metrics")
+    assert record["num_val"] == 0 and "elbo" not in record and "recon_fid" not in record and record["fid"] > 0
+
+
+def test_featurizer_names_images_without_a_class(tmp_path):
+    write_good_folder(tmp_path / "images")
+    Image.fromarray(digit_like(7)).save(tmp_path / "images" / "top.png")  # at the top level: label -1
+    shards = tmp_path / "shards"
+    prepare_shards(PrepareParams(source=f"folder:{tmp_path / 'images'}", image_size=28, val_fraction=0.3), shards)
+    with pytest.raises(ValueError, match=r"1 image\(s\) have no class label \(files at the top level"):
+        train_featurizer(FeaturizerParams(num_epochs=1), shards, tmp_path / "featurizer", tmp_path / "featurizer.json")
 
 
 def load_num_val(shards):

@@ -1,26 +1,34 @@
 """Ray Train DDP training for real: a local Ray runtime with 2 CPU workers, a real `mlflow server`.
 
-Tiny models and few steps; what is asserted is the machinery: identical weights on every rank,
-checkpoints and resume with no step logged twice, a killed worker restarted, determinism.
+Tiny models and few steps, with periodic evaluation on as in the shipped params; what is
+asserted is the machinery: identical weights (and EMA statistics) on every rank, checkpoints
+and exact resume with no step logged twice, a killed worker restarted, signals ending the
+MLflow run as KILLED.
 """
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import ray
 import torch
 from mlflow import MlflowClient
 
-from genmodels.config import FeaturizerParams, parse_params
-from genmodels.metrics.featurizer import train_featurizer
+from genmodels.config import FeaturizerParams, PrepareParams, parse_params
+from genmodels.data.shards import prepare_shards
+from genmodels.stages.featurizer import train_featurizer
 from genmodels.train.checkpoint import STATE_FILE
 from genmodels.train.run import TrainError, train
 from tests.integration.mlflow_server import start_mlflow_server
 
 TINY = {
     "num_workers": 2, "batch_size_per_worker": 32, "log_every_steps": 4, "sample_every_steps": 6,
-    "checkpoint_every_steps": 4, "num_checkpoints_kept": 10, "max_failures": 0, "eval_every_steps": 0,
+    "checkpoint_every_steps": 4, "num_checkpoints_kept": 10, "max_failures": 0, "eval_every_steps": 6,
+    "eval_num_samples": 50,
     "gan": {"width": 8, "num_steps": 12, "latent_dim": 16}, "vae": {"width": 8, "num_steps": 8, "latent_dim": 8},
 }
 
@@ -39,11 +47,22 @@ def mlflow_url(tmp_path_factory):
         yield url
 
 
+@pytest.fixture(scope="module")
+def quick_featurizer(mnist_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("featurizer")
+    train_featurizer(FeaturizerParams(num_epochs=1), mnist_shards, out / "model", out / "featurizer.json")
+    return out / "model"
+
+
 @pytest.fixture
-def project(tmp_path, monkeypatch, mlflow_url):
+def project(tmp_path, monkeypatch, mlflow_url, quick_featurizer):
+    """A project directory laid out as `dvc repro` leaves it before training: models/featurizer in place."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "featurizer").symlink_to(quick_featurizer)
     return tmp_path
+
 
 
 def _params(**train):
@@ -59,7 +78,7 @@ def _history(url, run_id, key):
 
 def _train(project, mnist_shards, family="gan", featurizer_dir=None, **train_params):
     return train(_params(**train_params), family, shards=mnist_shards, models_dir=project / "models",
-                 metrics_dir=project / "metrics", project_dir=project, featurizer_dir=featurizer_dir or project / "no-featurizer")
+                 metrics_dir=project / "metrics", project_dir=project, featurizer_dir=featurizer_dir or project / "models" / "featurizer")
 
 
 def test_gan_on_two_workers_logs_to_mlflow_and_keeps_ranks_identical(ray_runtime, project, mnist_shards, mlflow_url):
@@ -101,8 +120,8 @@ def test_vae_trains_and_logs_reconstructions(ray_runtime, project, mnist_shards,
     assert set(torch.load(project / "models/vae/weights.pt", weights_only=True)) == {"vae"}
 
 
-def test_stopped_run_resumes_from_its_checkpoint_without_logging_a_step_twice(ray_runtime, project, mnist_shards, mlflow_url, monkeypatch):
-    monkeypatch.setenv("GENMODELS_FAULT", f"raise:1:10:{project / 'fault-once'}")
+def test_stopped_run_resumes_exactly_with_periodic_eval_on_without_logging_a_step_twice(ray_runtime, project, mnist_shards, mlflow_url, monkeypatch):
+    monkeypatch.setenv("GENMODELS_CHAOS", f"raise:1:10:{project / 'fault-once'}")
     with pytest.raises(TrainError, match="injected failure on rank 1 at step 10"):
         _train(project, mnist_shards, run_name="gan-resume")
     run_id = MlflowClient(mlflow_url).search_runs(
@@ -118,10 +137,12 @@ def test_stopped_run_resumes_from_its_checkpoint_without_logging_a_step_twice(ra
     reference = _train(project, mnist_shards, run_name="gan-reference")
     assert _history(mlflow_url, run_id, "train/loss_d") == _history(mlflow_url, reference["mlflow_run_id"], "train/loss_d")
     assert _history(mlflow_url, run_id, "train/loss_g") == _history(mlflow_url, reference["mlflow_run_id"], "train/loss_g")
+    assert _history(mlflow_url, run_id, "eval/fid") == _history(mlflow_url, reference["mlflow_run_id"], "eval/fid")
+    assert MlflowClient(mlflow_url).get_run(run_id).info.status == "FINISHED"
 
 
 def test_killed_worker_is_restarted_and_the_run_completes(ray_runtime, project, mnist_shards, mlflow_url, monkeypatch):
-    monkeypatch.setenv("GENMODELS_FAULT", f"kill:1:10:{project / 'kill-once'}")
+    monkeypatch.setenv("GENMODELS_CHAOS", f"kill:1:10:{project / 'kill-once'}")
     summary = _train(project, mnist_shards, run_name="gan-kill", max_failures=1)
     assert (project / "kill-once").exists()  # the worker really died at step 10
     assert summary["step"] == 12
@@ -141,13 +162,6 @@ def test_more_workers_than_the_cluster_has_fails_fast(ray_runtime, project, mnis
     assert not (project / "ray_results").exists()
 
 
-@pytest.fixture(scope="module")
-def quick_featurizer(mnist_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("featurizer")
-    train_featurizer(FeaturizerParams(num_epochs=1), mnist_shards, out / "model", out / "featurizer.json")
-    return out / "model"
-
-
 def test_periodic_eval_is_spread_over_ranks_and_reported(ray_runtime, project, mnist_shards, mlflow_url, quick_featurizer):
     gan = _train(project, mnist_shards, run_name="gan-eval", eval_every_steps=6, eval_num_samples=101, featurizer_dir=quick_featurizer)
     fid = _history(mlflow_url, gan["mlflow_run_id"], "eval/fid")
@@ -165,7 +179,7 @@ def test_periodic_eval_is_spread_over_ranks_and_reported(ray_runtime, project, m
 
 def test_periodic_gan_fid_without_a_featurizer_says_what_to_do(ray_runtime, project, mnist_shards):
     with pytest.raises(FileNotFoundError, match="no trained domain classifier.*set train.eval_every_steps: 0"):
-        _train(project, mnist_shards, eval_every_steps=6)
+        _train(project, mnist_shards, eval_every_steps=6, featurizer_dir=project / "no-featurizer")
 
 
 def test_wgan_gp_double_backward_works_under_ddp(ray_runtime, project, mnist_shards):
@@ -174,3 +188,53 @@ def test_wgan_gp_double_backward_works_under_ddp(ray_runtime, project, mnist_sha
     assert summary["step"] == 4
     final = project / "ray_results" / "gan-wgan-gp" / "step_00000004"
     assert len({p.read_text() for p in final.glob("weights_rank*.sha256")}) == 1
+
+
+def test_vae_without_val_data_trains_and_skips_val_metrics(ray_runtime, project, tmp_path):
+    shards = tmp_path / "no-val-shards"
+    prepare_shards(PrepareParams(source="mnist5k", val_fraction=0.0), shards)
+    summary = _train(project, shards, family="vae", run_name="vae-no-val", eval_every_steps=4)
+    assert summary["step"] == 8 and "eval/elbo" not in summary
+
+
+def test_a_failed_export_marks_the_run_failed(ray_runtime, project, mnist_shards, mlflow_url):
+    (project / "not-a-dir").write_text("a file where models/ should be")
+    with pytest.raises(OSError):
+        train(_params(run_name="gan-export-fails", gan={"num_steps": 4}), "gan", shards=mnist_shards,
+              models_dir=project / "not-a-dir", metrics_dir=project / "metrics", project_dir=project,
+              featurizer_dir=project / "models" / "featurizer")
+    run = _run_named(mlflow_url, "gan-export-fails")
+    assert run.info.status == "FAILED"
+
+
+def _run_named(url, run_name):
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("genmodels")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`ray.run_name` = '{run_name}'") if experiment else []
+    return runs[0] if runs else None
+
+
+@pytest.mark.parametrize("signum,exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_to_the_driver_ends_the_run_as_killed(project, mnist_shards, mlflow_url, signum, exit_code):
+    """A real `genmodels train` process with its own Ray, signalled mid-training."""
+    run_name = f"gan-signal-{signum}"
+    params = {"train": {**TINY, "num_workers": 1, "run_name": run_name, "checkpoint_every_steps": 1000,
+                        "log_every_steps": 1, "gan": {**TINY["gan"], "num_steps": 100_000}}}
+    (project / "params.yaml").write_text(json.dumps(params))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "genmodels.cli", "train", "gan", "--shards", str(mnist_shards)],
+        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not ((run := _run_named(mlflow_url, run_name)) and "train/loss_d" in run.data.metrics):
+            assert process.poll() is None, process.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "training never logged a step"
+            time.sleep(0.5)  # polling the tracking server for a condition, not waiting out a race
+        process.send_signal(signum)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == exit_code, output[-3000:]
+    assert MlflowClient(mlflow_url).get_run(run.info.run_id).info.status == "KILLED"

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genmodels.losses import d_loss, elbo, g_loss, gaussian_kl, gradient_penalty, interpolate, reconstruction_nll
+from genmodels.losses import d_loss, negative_elbo, g_loss, gaussian_kl, gradient_penalty, interpolate, reconstruction_nll
 
 REAL = torch.tensor([0.5, 2.0, -1.0])
 FAKE = torch.tensor([-2.0, 0.0, 0.5])
@@ -120,5 +120,5 @@ def test_reconstruction_nll_errors_name_the_problem():
 
 def test_elbo_loss_weights_only_the_kl():
     recon, kl = torch.tensor([10.0, 20.0]), torch.tensor([4.0, 6.0])
-    torch.testing.assert_close(elbo(recon, kl), torch.tensor([14.0, 26.0]))
-    torch.testing.assert_close(elbo(recon, kl, beta=0.5), torch.tensor([12.0, 23.0]))
+    torch.testing.assert_close(negative_elbo(recon, kl), torch.tensor([14.0, 26.0]))
+    torch.testing.assert_close(negative_elbo(recon, kl, beta=0.5), torch.tensor([12.0, 23.0]))

@@ -7,6 +7,7 @@ import torch
 from genmodels.config import ConfigError, parse_params
 from genmodels.data.transforms import image_grid
 from genmodels.train.checkpoint import bundle_dir, load_bundle, read_exported, weights_digest
+from genmodels.train.chaos import Chaos
 from genmodels.train.loop import TrainJob
 
 
@@ -69,6 +70,35 @@ def test_bundle_round_trip_restores_state_and_rng(tmp_path):
     assert torch.equal(torch.rand(3), expected_noise)  # the RNG continues where it was saved
     with pytest.raises(ValueError, match=r"different config \(changed: a: 1 -> 2\)"):
         load_bundle(tmp_path, {"model": fresh, "opt": fresh_opt}, rank=0, config={"a": 2})
+
+
+def test_digest_covers_the_ema_buffers_but_not_the_live_ones():
+    live, ema = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    base = weights_digest({"generator": live, "ema": ema})
+    live.running_mean += 1  # ranks' live statistics legitimately differ
+    assert weights_digest({"generator": live, "ema": ema}) == base
+    ema.running_mean += 1  # the EMA's standing statistics must not
+    assert weights_digest({"generator": live, "ema": ema}) != base
+
+
+def test_resume_identity_ignores_cpus_and_threads_per_worker():
+    assert _job(cpus_per_worker=2.0, threads_per_worker=2).default_run_name() == _job().default_run_name()
+
+
+def test_sync_batchnorm_on_cpu_is_refused_when_params_load():
+    with pytest.raises(ConfigError, match="train: sync_batchnorm: true needs use_gpu: true"):
+        parse_params({"train": {"sync_batchnorm": True}})
+    assert parse_params({"train": {"sync_batchnorm": True, "use_gpu": True}}).train.sync_batchnorm
+
+
+def test_chaos_spec_is_validated_once_on_the_driver(monkeypatch):
+    monkeypatch.setenv("GENMODELS_CHAOS", "explode:1:x:/tmp/m")
+    with pytest.raises(ValueError, match="GENMODELS_CHAOS='explode:1:x:/tmp/m': expected ACTION:RANK:STEP:MARKER_FILE"):
+        Chaos.from_env()
+    monkeypatch.setenv("GENMODELS_CHAOS", "kill:1:10:/tmp/m")
+    assert Chaos.from_env() == Chaos("kill", 1, 10, "/tmp/m")
+    monkeypatch.delenv("GENMODELS_CHAOS")
+    assert Chaos.from_env() is None
 
 
 def test_diverged_ranks_are_detected(tmp_path):

@@ -1,6 +1,6 @@
 """The `featurizer` stage: train the domain classifier on the shards, publish it with its accuracy.
 
-    from genmodels.metrics.featurizer import train_featurizer
+    from genmodels.stages.featurizer import train_featurizer
     summary = train_featurizer(params.featurizer, "data/shards", "models/featurizer", "metrics/featurizer.json")
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from genmodels.config import FeaturizerParams
 from genmodels.data.loader import ShardLoader
-from genmodels.data.shards import load_manifest
+from genmodels.data.shards import SPLITS, Manifest, iter_samples, load_manifest, read_shard
 from genmodels.files import file_sha256, replace_dir, staging_dir, write_text
 from genmodels.metrics.features import train_domain_classifier
 
@@ -23,6 +23,11 @@ def train_featurizer(params: FeaturizerParams, shards: str | Path, out_dir: str 
     if not manifest.classes:
         raise ValueError(f"{manifest.location}: source {manifest.source!r} has no class labels (no sub-directories), "
                          "so no domain classifier can be trained; use evaluate.extractor: inception")
+    unlabelled = _num_unlabelled(manifest)
+    if unlabelled:  # label -1 would crash the cross-entropy with an index error
+        raise ValueError(f"{manifest.location}: {unlabelled} image(s) have no class label (files at the top level of "
+                         f"{manifest.source!r}), so the domain classifier cannot be trained on them; move them into a "
+                         "class sub-directory, or use evaluate.extractor: inception")
     num_val = manifest.split("val").num_samples
     if num_val == 0:
         raise ValueError(f"{manifest.location}: the val split is empty; set prepare.val_fraction > 0 to measure the featurizer")
@@ -45,3 +50,9 @@ def train_featurizer(params: FeaturizerParams, shards: str | Path, out_dir: str 
     replace_dir(tmp, out_dir)
     write_text(Path(metrics_path), json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def _num_unlabelled(manifest: Manifest) -> int:
+    """Samples with label -1, counted from the shards' label members (no image is decoded)."""
+    return sum(label < 0 for split in SPLITS for shard in manifest.split(split).shards
+               for _, _, label in iter_samples(read_shard(manifest, shard), shard.name))

@@ -1,0 +1,76 @@
+"""The `evaluate` stage: sample metrics of the trained generator (FID + bootstrap spread, KID,
+precision/recall/density/coverage, classifier score) plus the family's own numbers (VAE: ELBO
+and IWAE in nats per image, and the sample metrics of reconstructions), each record with its
+protocol signature; the same numbers go to the MLflow run that trained the model.
+
+    from genmodels.stages.evaluate import evaluate
+    record = evaluate(params, "gan", models_dir="models", shards="data/shards",
+                      featurizer_dir="models/featurizer", metrics_dir="metrics")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from genmodels.config import Params
+from genmodels.data.loader import read_images
+from genmodels.data.shards import load_manifest
+from genmodels.data.transforms import image_grid
+from genmodels.families import Family, load_exported
+from genmodels.files import write_text
+from genmodels.metrics.features import load_extractor
+from genmodels.metrics.protocol import image_metrics, protocol_signature, reference_stats
+
+GENERATE_BATCH_SIZE = 500
+
+
+@torch.no_grad()
+def generate(family: Family, model, num_samples: int, latent_dim: int, seed: int) -> torch.Tensor:
+    """`num_samples` images in [-1, 1] from z ~ N(0, I) drawn with a private generator seeded `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    chunks = []
+    for start in range(0, num_samples, GENERATE_BATCH_SIZE):
+        z = torch.randn(min(GENERATE_BATCH_SIZE, num_samples - start), latent_dim, generator=generator)
+        chunks.append(family.generate(model, z))
+    return torch.cat(chunks)
+
+
+def evaluate(params: Params, family: str, *, models_dir: str | Path = "models", shards: str | Path = "data/shards",
+             featurizer_dir: str | Path = "models/featurizer", metrics_dir: str | Path = "metrics") -> dict:
+    ep = params.evaluate
+    model_dir = Path(models_dir) / family
+    exported = load_exported(model_dir)
+    spec, model = exported.family, exported.model
+    manifest = load_manifest(shards)
+    extractor = load_extractor(ep.extractor, featurizer_dir=featurizer_dir, inception_weights=ep.inception_weights)
+    reference = reference_stats(extractor, manifest, ep)
+    samples = generate(spec, model, ep.num_samples, spec.latent_dim(exported.params), ep.seed)
+    metrics = image_metrics(extractor, samples, reference, ep)
+    metrics.update(spec.offline_metrics(model, read_images(manifest, "val"), ep,
+                                        lambda images, prefix: image_metrics(extractor, images, reference, ep, prefix)))
+    featurizer_config = Path(featurizer_dir) / "config.json"
+    if ep.extractor == "domain" and featurizer_config.is_file():
+        metrics["featurizer_val_accuracy"] = json.loads(featurizer_config.read_text())["val_accuracy"]
+    signature = protocol_signature(extractor, reference, ep, num_generated=ep.num_samples, image_size=manifest.image_size,
+                                   iwae_num_samples=metrics.get("iwae_num_samples"),
+                                   recon_num_generated=metrics.get("num_val") if "recon_fid" in metrics else None)
+    record = {"family": family, **metrics, "signature": signature}
+    write_text(Path(metrics_dir) / f"eval_{family}.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+    _log_to_training_run(model_dir, metrics, signature, samples[:64])
+    return record
+
+
+def _log_to_training_run(model_dir: Path, metrics: dict, signature: dict, samples: torch.Tensor) -> None:
+    """Same numbers, the signature and a final sample grid, on the MLflow run that trained the model."""
+    from genmodels.tracking import RunLogger, last_logged_step
+
+    run = json.loads((model_dir / "mlflow.json").read_text())
+    step = last_logged_step(run["tracking_uri"], run["run_id"], "train/epoch")
+    logger = RunLogger(run["tracking_uri"], run["run_id"], resume_after_step=-1)  # step may be 0: never drop
+    # "evaluate/", not "eval/": the periodic in-training FID already owns eval/fid at the last step.
+    logger.log_metrics({f"evaluate/{k}": float(v) for k, v in metrics.items()}, step)
+    logger.set_tags({f"eval.signature.{k}": str(v) for k, v in signature.items()})
+    logger.log_image("eval_samples", image_grid(samples), step)
