@@ -77,8 +77,9 @@ class Family:
         """Whether periodic evaluation needs the domain featurizer and reference statistics."""
         return False
 
-    def prepare_grids(self, job, task: Task) -> None:
-        """Rank 0, once: load what `sample_grid_images` shows besides samples (e.g. val images)."""
+    def attach_data(self, job, task: Task, *, rank: int) -> None:
+        """Every rank, once, before training: give the task the data it needs besides the training
+        batches (e.g. images for the EMA's statistics, val images for the grids on rank 0)."""
 
     def periodic_eval(self, job, task: Task, *, rank: int, world_size: int) -> PeriodicEval:
         raise NotImplementedError

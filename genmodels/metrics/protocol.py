@@ -62,7 +62,11 @@ def reference_stats(extractor: Extractor, manifest: Manifest, params: EvaluatePa
         path.parent.mkdir(parents=True, exist_ok=True)
         # A unique temporary name: two stages filling the same cache at once must not share one.
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-            torch.save({"stats": stats.to_dict(), "features": features}, f)
+            try:
+                torch.save({"stats": stats.to_dict(), "features": features}, f)
+            except BaseException:
+                os.unlink(f.name)
+                raise
         os.replace(f.name, path)
     digest = hashlib.sha256(stats.sum.numpy().tobytes() + stats.sum_outer.numpy().tobytes()).hexdigest()
     return Reference(stats=stats, features=features, sha256=digest)

@@ -132,7 +132,7 @@ class _TanhGenerator(nn.Module):
 class DCGANGenerator(_TanhGenerator):
     """DCGAN generator (Radford et al. 2015) for 28, 32 or 64 pixel images; see ``conv_decoder``."""
 
-    def __init__(self, *, image_size: int, channels: int, latent_dim: int = 100, width: int = 64):
+    def __init__(self, *, image_size: int, channels: int, latent_dim: int, width: int = 64):
         super().__init__()
         self.latent_dim = latent_dim
         self.body = conv_decoder(image_size=image_size, channels=channels, latent_dim=latent_dim, width=width)
@@ -145,7 +145,7 @@ class SeedGenerator(_TanhGenerator):
     comparing images of different sizes. 64x64 is unsupported: the body stops at 32.
     """
 
-    def __init__(self, *, image_size: int, channels: int, latent_dim: int = 128, width: int = 64):
+    def __init__(self, *, image_size: int, channels: int, latent_dim: int, width: int = 64):
         super().__init__()
         self.latent_dim = latent_dim
         self.body = seed_decoder(image_size=image_size, channels=channels, latent_dim=latent_dim, width=width)

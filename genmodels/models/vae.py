@@ -93,7 +93,7 @@ def seed_vae(*, image_size: int, channels: int, latent_dim: int, width: int = 64
     reconstruction error alone (no KL term), i.e. a plain autoencoder whose decoder was never
     trained on draws from the prior, so ``sample`` produced garbage. We sample z with the
     reparameterisation trick and train on the negative ELBO, reconstruction NLL + KL
-    (``genmodels.losses.elbo``, Kingma & Welling 2014 eq. 10).
+    (``genmodels.losses.negative_elbo``, Kingma & Welling 2014 eq. 10).
     """
     check_choice("image_size", image_size, (28, 32))
     feature_size = image_size // 4  # 28 -> 7, 32 -> 8 after two stride-2 convs

@@ -66,6 +66,10 @@ def load_bundle(directory: Path, objects: dict[str, object], *, rank: int, confi
             f"checkpoint {directory} was written with a different config (changed: {', '.join(changed)}); "
             "pick another train.run_name, or delete that run's directory under train.storage_path to start over"
         )
+    missing = sorted(set(objects) - set(bundle["objects"]))
+    if missing:
+        raise ValueError(f"checkpoint {directory} lacks {', '.join(missing)} (written by an older genmodels?); "
+                         "pick another train.run_name, or delete that run's directory under train.storage_path to start over")
     for name, obj in objects.items():
         obj.load_state_dict(bundle["objects"][name])
     rng_path = directory / _rng_file(rank)

@@ -2,7 +2,7 @@
 with BatchNorm statistics that belong to the averaged weights.
 
     ema_update(ema, model, ema_decay(0.999, step))
-    standing_batchnorm_stats(ema, lambda z: ema(z), latent_dim=100, seed=0)   # before sampling
+    standing_batchnorm_stats(ema, lambda g: ema(torch.randn(128, 100, generator=g)), seed=0)   # before sampling
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 STANDING_STATS_NUM_BATCHES = 16
-STANDING_STATS_BATCH_SIZE = 128
 
 
 @torch.no_grad()
@@ -50,23 +49,22 @@ def ema_decay(target: float, step: int) -> float:
 
 
 @torch.no_grad()
-def standing_batchnorm_stats(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], *, latent_dim: int,
-                             seed: int, num_batches: int = STANDING_STATS_NUM_BATCHES,
-                             batch_size: int = STANDING_STATS_BATCH_SIZE) -> None:
-    """Recompute every BatchNorm's running mean/var of `model` as the plain average over
-    `num_batches` forwards of `forward(z)`, z ~ N(0, I) ("standing statistics", Brock et al.
-    2019 sec. 4.2 / BigGAN), leaving the model in eval mode.
+def standing_batchnorm_stats(model: nn.Module, forward: Callable[[torch.Generator], object], *, seed: int,
+                             num_batches: int = STANDING_STATS_NUM_BATCHES) -> None:
+    """Recompute every BatchNorm's running mean/var in `model` as the plain average over
+    `num_batches` calls of `forward(generator)`, each running one batch of the inputs the model
+    meets when it is used ("standing statistics", Brock et al. 2019 sec. 4.2 / BigGAN), leaving
+    the model in eval mode.
 
-    The noise comes from a private generator seeded with `seed`, never the global RNG (drawing
-    from it would change the training noise after a resume). Same weights and seed give the same
-    statistics on every rank; under torch.distributed rank 0's are broadcast anyway, so the
-    ranks agree to the bit whatever their kernels did.
+    `forward` draws its noise from `generator`, a private one seeded with `seed`, never from the
+    global RNG (drawing from it would change the training noise after a resume). Same weights
+    and seed give the same statistics on every rank; under torch.distributed rank 0's are
+    broadcast anyway, so the ranks agree to the bit whatever their kernels did.
     """
     layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not layers:
         return
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     momenta = [m.momentum for m in layers]
     for layer in layers:
         layer.reset_running_stats()
@@ -74,7 +72,7 @@ def standing_batchnorm_stats(model: nn.Module, forward: Callable[[torch.Tensor],
         layer.train()
     try:
         for _ in range(num_batches):
-            forward(torch.randn(batch_size, latent_dim, generator=generator, device=device))
+            forward(generator)
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum

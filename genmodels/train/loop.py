@@ -4,7 +4,7 @@ The loop knows a family only through its spec (`genmodels.families`) and the tas
 `train_step`, `state`, `refresh_ema`, `sample_grid_images`. Every rank calls `ray.train.report`
 at the same steps (it is a barrier); only rank 0 talks to MLflow.
 
-Exact resume: everything that draws from the global RNG (building the task, the periodic
+Exact resume: everything that may draw from the global RNG (building the task, the periodic
 evaluator's featurizer, the rank-0 logger) is built before the per-rank noise seed is set and
 before a checkpoint restores the RNG, so a resumed run draws exactly the noise an uninterrupted
 one would.
@@ -107,8 +107,9 @@ def train_loop_per_worker(config: dict) -> dict:
     torch.manual_seed(params.seed)  # identical initial weights on every rank
     task = family.build_task(params, image_size=job.image_size, channels=job.channels, device=device, world_size=world_size,
                              precision=Precision.for_run(params.amp, device))
+    family.attach_data(job, task, rank=rank)
     evaluator = family.periodic_eval(job, task, rank=rank, world_size=world_size) if params.eval_every_steps else None
-    logger = _rank_zero_logger(job, task) if rank == 0 else None
+    logger = _rank_zero_logger(job) if rank == 0 else None
     torch.manual_seed(params.seed * 100_003 + rank + 1)  # then one noise stream per rank
     loader = ShardLoader(job.shards, "train", rank=rank, world_size=world_size, batch_size_per_worker=params.batch_size_per_worker,
                          num_workers=params.loader_workers, seed=params.seed)
@@ -164,8 +165,7 @@ def train_loop_per_worker(config: dict) -> dict:
     return {"step": step}
 
 
-def _rank_zero_logger(job: TrainJob, task):
+def _rank_zero_logger(job: TrainJob):
     from genmodels.tracking import RunLogger, last_logged_step
 
-    get_family(job.family).prepare_grids(job, task)
     return RunLogger(job.tracking_uri, job.run_id, resume_after_step=last_logged_step(job.tracking_uri, job.run_id, PROGRESS_METRIC))

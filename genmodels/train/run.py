@@ -9,7 +9,8 @@ evaluation/registry to), `metrics/train_<family>.json` and `metrics/train_<famil
 (DVC metrics and plots).
 
 Every exit ends the MLflow run: FINISHED, FAILED (an error, a digest mismatch, a failed export)
-or KILLED (SIGINT or SIGTERM, raised here as `Interrupted`; the CLI exits 130 or 143).
+or KILLED (SIGINT or SIGTERM: the Ray run is aborted, a started export is finished whole, and
+`Interrupted` is raised; the CLI exits 130 or 143).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import ray
 import torch
 
 from genmodels.cluster import ensure_ray, preflight
@@ -71,18 +74,24 @@ def train(params: Params, family: str, *, shards: str | Path = "data/shards", mo
     tracking = resolve_tracking(project_dir)
     resolved = _resolve(params, spec, shards, project_dir, tracking.uri, Path(featurizer_dir))  # fails before Ray starts
     ensure_ray()
-    with _interrupts_raise() as received:  # after ray.init, whose core worker installs a SIGTERM handler of its own
+    with _DriverSignals() as signals:  # after ray.init, whose core worker installs a SIGTERM handler of its own
         preflight(num_workers=params.train.num_workers, cpus_per_worker=params.train.cpus_per_worker, use_gpu=params.train.use_gpu)
-        job, resumed = _open_run(resolved, tracking, project_dir)
+        job = None
         try:
-            result, wall_s = _fit(job, resolved, received)
+            job, resumed = _open_run(resolved, tracking, project_dir)
+            result, wall_s = _fit(job, resolved, signals)
+            signals.deferred = True  # a signal now lets the export finish whole, then counts
             step = _export(spec, result, resolved, job, Path(models_dir))
             summary = _write_metrics(spec, result, job, step=step, wall_s=wall_s, resumed=resumed, metrics_dir=Path(metrics_dir))
+            if signals.received:
+                raise KeyboardInterrupt
         except BaseException as err:
-            killed = bool(received) or isinstance(err, KeyboardInterrupt)
-            finish_run(job.tracking_uri, job.run_id, "KILLED" if killed else "FAILED")
+            signals.deferred = True
+            killed = bool(signals.received) or isinstance(err, KeyboardInterrupt)
+            if job is not None:
+                finish_run(job.tracking_uri, job.run_id, "KILLED" if killed else "FAILED")
             if killed:
-                raise Interrupted(received[0] if received else signal.SIGINT) from None
+                raise Interrupted(signals.received[0] if signals.received else signal.SIGINT) from None
             raise
         finish_run(job.tracking_uri, job.run_id, "FINISHED")
     return summary
@@ -139,12 +148,12 @@ def _open_run(resolved: _Resolved, tracking, project_dir: Path) -> tuple[TrainJo
     return job.model_copy(update={"run_id": run_id}), resumed
 
 
-def _fit(job: TrainJob, resolved: _Resolved, received: list[int]):
+def _fit(job: TrainJob, resolved: _Resolved, signals: _DriverSignals):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 
     tp = job.params
     resources = {"CPU": tp.cpus_per_worker, **({"GPU": 1} if tp.use_gpu else {})}
-    trainer = _trainer_class(received)(
+    trainer = _trainer_class(signals)(
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=tp.num_workers, use_gpu=tp.use_gpu, resources_per_worker=resources),
@@ -156,13 +165,15 @@ def _fit(job: TrainJob, resolved: _Resolved, received: list[int]):
     try:
         result = trainer.fit()
     except TrainingFailedError as err:
-        if received:
+        if signals.received:
             raise  # aborted by a signal: `train` reports the signal, not the abort
         failures = getattr(err, "worker_failures", None) or {}
         first = next(iter(failures.values()), None)
         raise TrainError(f"train {job.family}: run {resolved.run_name!r} failed: {first!r}" if first
                          else f"train {job.family}: {err}") from None
-    if received:  # Train V2's SIGINT abort can end fit() without an error
+    finally:
+        signals.abort = None
+    if signals.received:  # an abort can also end fit() without an error
         raise KeyboardInterrupt
     return result, time.perf_counter() - start
 
@@ -205,49 +216,49 @@ def _write_metrics(spec: Family, result, job: TrainJob, *, step: int, wall_s: fl
     return summary
 
 
-@contextlib.contextmanager
-def _interrupts_raise():
-    """While training, SIGINT and SIGTERM are recorded in the yielded list and raise
-    KeyboardInterrupt in the main thread. SIGTERM's default action would end Python without
-    running a single `finally` (the MLflow run would stay RUNNING, a local Ray would be
-    orphaned); KeyboardInterrupt, not an exception of our own, because that is what Ray's
-    blocking `ray.get` lets through from a signal handler. Restores the previous handlers on the
-    way out, since Train V2 leaves its own SIGINT handler installed after `fit()`."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+class _DriverSignals:
+    """SIGINT and SIGTERM on the driver while training, as a context: each is recorded in
+    `received`, aborts the Ray Train run when one is going (`abort`), and raises
+    KeyboardInterrupt in the main thread unless `deferred`. SIGTERM's default action would end
+    Python without running a single `finally` (the MLflow run would stay RUNNING, a local Ray
+    would be orphaned); KeyboardInterrupt, not an exception of our own, because that is what
+    Ray's blocking `ray.get` lets through from a signal handler. The previous handlers come back
+    on exit."""
 
-    def handler(signum, frame):
-        received.append(signum)
-        raise KeyboardInterrupt
+    def __init__(self):
+        self.received: list[int] = []
+        self.deferred = False
+        self.abort: Callable[[], object] | None = None
+        self._previous: dict[int, object] = {}
 
-    for signum in previous:
-        signal.signal(signum, handler)
-    try:
-        yield received
-    finally:
-        for signum, action in previous.items():
+    def _handle(self, signum, frame) -> None:
+        self.received.append(signum)
+        if self.abort is not None:
+            with contextlib.suppress(Exception):  # the controller may be gone already
+                self.abort()
+        if not self.deferred:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> _DriverSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, action in self._previous.items():
             signal.signal(signum, action)
 
 
-def _trainer_class(received: list[int]):
+def _trainer_class(signals: _DriverSignals):
     from ray.train.torch import TorchTrainer
 
     class Trainer(TorchTrainer):
-        """Train V2 answers SIGINT during `fit()` with its own handler (data_parallel_trainer.py,
-        `_register_sigint_handler`): it aborts the run and calls sys.exit(0), which is
-        indistinguishable from a clean end. Wrap that handler to record the signal."""
-
         def _register_sigint_handler(self, controller):
-            super()._register_sigint_handler(controller)
-            ray_handler = signal.getsignal(signal.SIGINT)
-
-            def handler(signum, frame):
-                received.append(signum)
-                ray_handler(signum, frame)
-
-            signal.signal(signal.SIGINT, handler)
+            """Train V2 would install its own SIGINT handler here for the duration of `fit()`
+            (data_parallel_trainer.py): it aborts the run, then calls sys.exit(0), which cannot
+            be told from a clean end, and stays installed afterwards. Keep ours, and give it
+            the same graceful abort, for SIGTERM too."""
+            signals.abort = lambda: ray.get(controller.abort.remote())
 
     return Trainer

@@ -8,9 +8,8 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from genmodels.config import FeaturizerParams, parse_params
 from genmodels.data.loader import read_split
-from genmodels.config import PrepareParams
+from genmodels.config import FeaturizerParams, PrepareParams, parse_params
 from genmodels.data.shards import prepare_shards
 from genmodels.families import get_family
 from genmodels.families.vae import VAEPeriodicEval

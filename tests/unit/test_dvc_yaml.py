@@ -24,14 +24,17 @@ def _module_file(name: str) -> Path | None:
 
 
 def _imports(tree: ast.AST) -> set[str]:
+    """Every genmodels module an AST imports, with the packages Python runs on the way."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"relative import of {node.module!r}: this test follows absolute imports only"
             names.add(node.module)
             names |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from pkg import module`
-    return {n for n in names if n.split(".")[0] == "genmodels" and _module_file(n)}
+    names = {n for n in names if n.split(".")[0] == "genmodels" and _module_file(n)}
+    return names | {".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 1)}
 
 
 def _cli_imports(command: str) -> set[str]:

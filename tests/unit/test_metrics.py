@@ -17,7 +17,7 @@ import torch.distributed as dist
 from genmodels.metrics.fid import FeatureStats, bootstrap_fid, fid_from_stats, frechet_distance
 from genmodels.metrics.kid import kernel_inception_distance
 from genmodels.metrics.likelihood import binarize, elbo_per_image, iwae_bound
-from genmodels.metrics.prdc import prdc
+from genmodels.metrics.prdc import equal_size, prdc
 from genmodels.models import build_vae
 
 
@@ -174,6 +174,29 @@ def test_prdc_hand_computed_on_a_line():
     assert scores["recall"] == 3 / 4
     # Nearest fakes: 0 -> 0.4 (<= 1), 1 -> 0.9 (<= 1), 3 -> 0.9 (2.1 > 2), 6 -> 0.9 (5.1 > 3).
     assert scores["coverage"] == 2 / 4
+
+
+def test_equal_size_subsamples_the_larger_set_without_replacement_and_deterministically():
+    real, fake = torch.arange(40.0).view(20, 2), torch.arange(12.0).view(6, 2)
+    a, b = equal_size(real, fake, seed=1)
+    assert a.shape == b.shape == (6, 2) and torch.equal(b, fake.double())
+    assert len({tuple(row.tolist()) for row in a}) == 6 and all((real.double() == row).all(1).any() for row in a)
+    assert torch.equal(equal_size(real, fake, seed=1)[0], a) and not torch.equal(equal_size(real, fake, seed=2)[0], a)
+
+
+def test_image_metrics_score_prdc_on_equal_numbers_of_real_and_generated_features():
+    from genmodels.config import EvaluateParams
+    from genmodels.metrics.features import Extractor
+    from genmodels.metrics.protocol import Reference, image_metrics
+
+    generator = torch.Generator().manual_seed(0)
+    real, images = torch.randn(400, 4, generator=generator), torch.randn(60, 1, 2, 2, generator=generator) * 1.3
+    extractor = Extractor(name="flat", weights_sha256="-", resize_rule="-", dim=4, features=lambda x: x.flatten(1).double())
+    params = EvaluateParams(kid_subset_size=50, kid_num_subsets=2, bootstrap_resamples=2, seed=3)
+    scores = image_metrics(extractor, images, Reference(FeatureStats.from_features(real), real, "-"), params)
+    expected = prdc(*equal_size(real, images.flatten(1), seed=3), k=params.prdc_k)
+    assert {k: scores[k] for k in expected} == expected
+    assert expected != prdc(real, images.flatten(1), k=params.prdc_k)  # 400 vs 60 points would differ
 
 
 def test_prdc_matches_loops_with_chunking():
