@@ -30,7 +30,6 @@ from genmodels.train.ddp import Precision, grad_norm, unwrap, wrap
 from genmodels.train.ema import ema_decay, ema_update, standing_batchnorm_stats
 
 EVAL_BATCH_SIZE = 500
-STANDING_BATCH_SIZE = 128
 
 
 class GANTask:
@@ -87,10 +86,11 @@ class GANTask:
         }
 
     def refresh_ema(self) -> None:
-        """Standing statistics over noise batches: the inputs the generator meets when sampling."""
-        latent_dim = self.params.gan.latent_dim
-        standing_batchnorm_stats(self.ema, lambda g: self.ema(torch.randn(STANDING_BATCH_SIZE, latent_dim, generator=g,
-                                                                            device=self.device)), seed=self.params.seed)
+        """Standing statistics over noise batches of the training batch size: the inputs the
+        generator meets when sampling."""
+        shape = (self.params.batch_size_per_worker, self.params.gan.latent_dim)
+        standing_batchnorm_stats(self.ema, lambda g: self.ema(torch.randn(shape, generator=g, device=self.device)),
+                                 seed=self.params.seed)
 
     @torch.no_grad()
     def sample_grid_images(self) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from torch import nn
 
 from genmodels.config import TrainParams, VAEParams
 from genmodels.data.loader import read_images
+from genmodels.data.transforms import to_float
 from genmodels.families.base import NUM_GRID_SAMPLES, Family
 from genmodels.losses import gaussian_kl, negative_elbo, reconstruction_nll
 from genmodels.models import build_vae
@@ -19,7 +20,6 @@ from genmodels.train.ddp import Precision, grad_norm, unwrap, wrap
 from genmodels.train.ema import STANDING_STATS_NUM_BATCHES, ema_decay, ema_update, standing_batchnorm_stats
 
 NUM_RECON_IMAGES = 32
-STANDING_BATCH_SIZE = 128
 ELBO_CHUNK_SIZE = 250
 
 
@@ -35,7 +35,7 @@ class VAETask:
         self.scaler = precision.scaler()
         self.z_fixed = torch.randn(NUM_GRID_SAMPLES, v.latent_dim, generator=torch.Generator().manual_seed(params.seed)).to(device)
         self.recon_batch: torch.Tensor | None = None  # fixed val images for the reconstruction grid (None: no val data)
-        self.standing_images: torch.Tensor | None = None  # fixed train images for the EMA's BatchNorm statistics
+        self.standing_images: torch.Tensor | None = None  # fixed train images (uint8, CPU) for the EMA's statistics
 
     def state(self) -> dict[str, object]:
         return {"vae": unwrap(self.model), "ema": self.ema, "opt": self.opt, "scaler": self.scaler}
@@ -62,17 +62,17 @@ class VAETask:
     def refresh_ema(self) -> None:
         """Standing statistics over posterior draws z ~ q(z | x) of a fixed set of training images
         (`standing_images`): the inputs the decoder meets in the ELBO, the family's metric, and in
-        reconstructions. Prior draws instead gave better-looking samples but a val ELBO 4.6 nats
+        reconstructions. Prior draws instead gave better-looking samples but a val ELBO 4.7 nats
         worse on mnist5k (bench/RESULTS.md). Without attached images (unit tests): prior draws."""
-        ema, images, latent_dim = self.ema, self.standing_images, self.params.vae.latent_dim
-        batches = itertools.cycle(images.split(STANDING_BATCH_SIZE) if images is not None else [None])
+        ema, images, batch = self.ema, self.standing_images, self.params.batch_size_per_worker
+        batches = itertools.cycle(images.split(batch) if images is not None else [None])
 
         def forward(generator: torch.Generator) -> None:
             x = next(batches)
             if x is None:
-                z = torch.randn(STANDING_BATCH_SIZE, latent_dim, generator=generator, device=self.device)
+                z = torch.randn(batch, self.params.vae.latent_dim, generator=generator, device=self.device)
             else:
-                mu, logvar = ema.encode(x)
+                mu, logvar = ema.encode(to_float(x.to(self.device)))
                 z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=self.device)
             ema.decode(z)
 
@@ -142,7 +142,8 @@ class VAEFamily(Family):
         return model.to_image(model.decode(z)).clamp(-1, 1)
 
     def attach_data(self, job, task: VAETask, *, rank: int) -> None:
-        task.standing_images = read_images(job.shards, "train", limit=STANDING_BATCH_SIZE * STANDING_STATS_NUM_BATCHES).to(task.device)
+        images = read_images(job.shards, "train", limit=job.params.batch_size_per_worker * STANDING_STATS_NUM_BATCHES)
+        task.standing_images = images.add(1).mul(127.5).round().to(torch.uint8)  # exact: they were 8-bit
         if rank == 0:
             images = read_images(job.shards, "val", limit=NUM_RECON_IMAGES)
             task.recon_batch = images.to(task.device) if len(images) else None

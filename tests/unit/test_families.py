@@ -108,3 +108,15 @@ def test_gan_step_under_bf16_autocast_and_loss_scaling_for_every_loss(loss, d_no
         metrics = task.train_step(_batch(step), step)
     assert all(torch.isfinite(v) for v in metrics.values()), metrics
     assert task.scaler_d is not task.scaler_g and task.scaler_d.is_enabled()
+
+
+def test_vae_statistics_come_from_posterior_draws_of_the_attached_training_images():
+    task = _task("vae")
+    task.train_step(_batch(), 0)
+    task.refresh_ema()  # no images attached: prior draws
+    prior = [b.clone() for b in task.ema.buffers()]
+    task.standing_images = ((_batch(5) + 1) * 127.5).round().to(torch.uint8)
+    rng = torch.get_rng_state()
+    task.refresh_ema()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert any(not torch.equal(a, b) for a, b in zip(prior, task.ema.buffers()))
