@@ -85,6 +85,10 @@ FAILURES = [
      ["models/featurizer", "metrics/featurizer.json"]),
     ("train@gan", "train.gan.lr_g", 0, "train.gan.lr_g: expected a number in (0, 1], got 0",
      ["models/gan", "metrics/train_gan.json", "metrics/train_gan_curve.csv"]),
+    ("train@vae", "train.vae.lr", 0, "train.vae.lr: expected a number in (0, 1], got 0",
+     ["models/vae", "metrics/train_vae.json", "metrics/train_vae_curve.csv"]),
+    ("evaluate@gan", "evaluate.num_samples", 1, "evaluate.num_samples: expected an integer >= 10, got 1",
+     ["metrics/eval_gan.json"]),
     ("evaluate@vae", "evaluate.num_samples", 1, "evaluate.num_samples: expected an integer >= 10, got 1",
      ["metrics/eval_vae.json"]),
 ]
