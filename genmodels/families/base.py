@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from genmodels.config import EvaluateParams, TrainParams
+from genmodels.data.shards import Manifest
 from genmodels.train.ddp import Precision
 
 NUM_GRID_SAMPLES = 64
@@ -84,8 +85,8 @@ class Family:
     def periodic_eval(self, job, task: Task, *, rank: int, world_size: int) -> PeriodicEval:
         raise NotImplementedError
 
-    def offline_metrics(self, model: nn.Module, val_images: torch.Tensor, params: EvaluateParams,
+    def offline_metrics(self, model: nn.Module, manifest: Manifest, params: EvaluateParams,
                         image_metrics: Callable[[torch.Tensor, str], dict]) -> dict:
-        """Family-specific numbers of the evaluate stage beyond the sample metrics (`image_metrics(images,
-        prefix)` scores any image batch in the stage's feature space)."""
+        """Family-specific numbers of the evaluate stage beyond the sample metrics, on the shards of
+        `manifest` (`image_metrics(images, prefix)` scores any image batch in the stage's feature space)."""
         return {}

@@ -151,8 +151,9 @@ class VAEFamily(Family):
     def periodic_eval(self, job, task, *, rank, world_size) -> VAEPeriodicEval:
         return VAEPeriodicEval(job, task, rank=rank, world_size=world_size)
 
-    def offline_metrics(self, model, val_images, params, image_metrics) -> dict:
+    def offline_metrics(self, model, manifest, params, image_metrics) -> dict:
         """Sample metrics of reconstructions (`recon_*`), val ELBO and IWAE; nothing without val data."""
+        val_images = read_images(manifest, "val")
         if len(val_images) == 0:
             return {"num_val": 0}
         with torch.no_grad():

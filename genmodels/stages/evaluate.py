@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from genmodels.config import Params
-from genmodels.data.loader import read_images
 from genmodels.data.shards import load_manifest
 from genmodels.data.transforms import image_grid
 from genmodels.families import Family, load_exported
@@ -49,7 +48,7 @@ def evaluate(params: Params, family: str, *, models_dir: str | Path = "models", 
     reference = reference_stats(extractor, manifest, ep)
     samples = generate(spec, model, ep.num_samples, spec.latent_dim(exported.params), ep.seed)
     metrics = image_metrics(extractor, samples, reference, ep)
-    metrics.update(spec.offline_metrics(model, read_images(manifest, "val"), ep,
+    metrics.update(spec.offline_metrics(model, manifest, ep,
                                         lambda images, prefix: image_metrics(extractor, images, reference, ep, prefix)))
     featurizer_config = Path(featurizer_dir) / "config.json"
     if ep.extractor == "domain" and featurizer_config.is_file():
