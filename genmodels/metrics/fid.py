@@ -108,12 +108,8 @@ class FeatureStats:
                    sum_outer=torch.as_tensor(state["sum_outer"]))
 
     def save(self, path: str | Path) -> None:
-        """torch.save of ``to_dict()``, written beside ``path`` then renamed over it (never half-written)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-            torch.save(self.to_dict(), f)
-        os.replace(f.name, path)
+        """torch.save of ``to_dict()``, never half-written (``save_atomic``)."""
+        save_atomic(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
@@ -133,6 +129,20 @@ class FeatureStats:
         self.sum.copy_(buffer[1:1 + self.dim])
         self.sum_outer.copy_(buffer[1 + self.dim:].view(self.dim, self.dim))
         return self
+
+
+def save_atomic(obj: object, path: str | Path) -> None:
+    """torch.save to a uniquely named file beside ``path``, then renamed over it: a reader (or a
+    second writer of the same cache entry) never sees a half-written file; removed on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        try:
+            torch.save(obj, f)
+        except BaseException:
+            os.unlink(f.name)
+            raise
+    os.replace(f.name, path)
 
 
 def _as_float64(value: ArrayLike, name: str) -> torch.Tensor:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from genmodels.config import EvaluateParams
 from genmodels.data.loader import read_split
 from genmodels.data.shards import Manifest, manifest_sha256
 from genmodels.metrics.features import Extractor, extract_features
-from genmodels.metrics.fid import FeatureStats, bootstrap_fid, fid_from_stats
+from genmodels.metrics.fid import FeatureStats, bootstrap_fid, fid_from_stats, save_atomic
 from genmodels.metrics.kid import kernel_inception_distance
 from genmodels.metrics.prdc import equal_size, prdc
 
@@ -59,15 +57,7 @@ def reference_stats(extractor: Extractor, manifest: Manifest, params: EvaluatePa
         features = torch.cat([extractor.features(images) for images, _ in
                               read_split(manifest, params.reference_split, limit=params.reference_max_samples, batch_size=500)])
         stats = FeatureStats.from_features(features)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A unique temporary name: two stages filling the same cache at once must not share one.
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-            try:
-                torch.save({"stats": stats.to_dict(), "features": features}, f)
-            except BaseException:
-                os.unlink(f.name)
-                raise
-        os.replace(f.name, path)
+        save_atomic({"stats": stats.to_dict(), "features": features}, path)
     digest = hashlib.sha256(stats.sum.numpy().tobytes() + stats.sum_outer.numpy().tobytes()).hexdigest()
     return Reference(stats=stats, features=features, sha256=digest)
 
