@@ -2,7 +2,8 @@
 
     genmodels prepare [--params params.yaml] [--set prepare.image_size=32] [--out data/shards]
     genmodels featurizer                       # domain classifier for the offline FID
-    genmodels train gan|vae [--params params.yaml] [--set train.num_workers=4]
+    genmodels train gan|vae [--params params.yaml] [--set train.num_workers=4] [--overlay tune/gan_best.yaml]
+    genmodels tune gan|vae [--resume]          # Ray Tune sweep -> tune/<family>_best.yaml
     genmodels evaluate gan|vae
 """
 
@@ -19,10 +20,14 @@ from genmodels.config import ConfigError, load_params
 FAMILY_HELP = "a model family of genmodels.families (gan, vae, ...)"
 
 
+def _params(args: argparse.Namespace):
+    return load_params(args.params, args.set, args.overlay)
+
+
 def _prepare(args: argparse.Namespace) -> None:
     from genmodels.data.shards import prepare_shards
 
-    params = load_params(args.params, args.set)
+    params = _params(args)
     manifest = prepare_shards(params.prepare, args.out)
     counts = ", ".join(f"{name} {split.num_samples} in {len(split.shards)} shards" for name, split in manifest.splits.items())
     print(f"prepare: {manifest.source} -> {args.out}: {counts}; {len(manifest.rejected)} rejected")
@@ -33,17 +38,28 @@ def _train(args: argparse.Namespace) -> None:
     from genmodels.train.run import train
 
     get_family(args.family)
-    params = load_params(args.params, args.set)
+    params = _params(args)
     summary = train(params, args.family, shards=args.shards, models_dir=args.models, metrics_dir=args.metrics,
                     featurizer_dir=args.featurizer)
     print(f"train {args.family}: {summary['step']} steps in {summary['wall_s']} s; "
           f"models/{args.family}/ written; MLflow run {summary['mlflow_run_id']}")
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from genmodels.families import get_family
+    from genmodels.tune import tune
+
+    get_family(args.family)
+    summary = tune(_params(args), args.family, shards=args.shards, out_dir=args.out, featurizer_dir=args.featurizer,
+                   resume={"yes": True, "no": False, "auto": None}[args.resume])
+    print(f"tune {args.family}: {summary['num_trials']} trials ({summary['stopped_early']} stopped early, "
+          f"{summary['errors']} failed); MLflow parent run {summary['parent_run_id']}")
+
+
 def _featurizer(args: argparse.Namespace) -> None:
     from genmodels.stages.featurizer import train_featurizer
 
-    params = load_params(args.params, args.set)
+    params = _params(args)
     summary = train_featurizer(params.featurizer, args.shards, args.out, args.metrics)
     print(f"featurizer: val accuracy {summary['val_accuracy']:.4f} on {summary['num_val']} images -> {args.out}")
 
@@ -53,7 +69,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from genmodels.stages.evaluate import evaluate
 
     get_family(args.family)
-    params = load_params(args.params, args.set)
+    params = _params(args)
     record = evaluate(params, args.family, models_dir=args.models, shards=args.shards, featurizer_dir=args.featurizer,
                       metrics_dir=args.metrics)
     shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float)}
@@ -72,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--metrics", default="metrics", help="where train_<family>.json and the curve CSV go")
     train.add_argument("--featurizer", default="models/featurizer", help="domain classifier for the periodic GAN FID")
     train.set_defaults(run=_train)
+    tune = commands.add_parser("tune", help="Ray Tune sweep of one family (trials = Ray Train runs) -> tune/<family>_best.yaml")
+    tune.add_argument("family", help=FAMILY_HELP)
+    tune.add_argument("--resume", nargs="?", const="yes", default="no", choices=("yes", "no", "auto"),
+                      help="continue the sweep of the same name after a crash or Ctrl-C (auto: if there is one)")
+    tune.add_argument("--shards", default="data/shards")
+    tune.add_argument("--out", default="tune", help="where <family>_best.yaml goes (default: tune)")
+    tune.add_argument("--featurizer", default="models/featurizer", help="domain classifier for the periodic GAN FID")
+    tune.set_defaults(run=_tune)
     featurizer = commands.add_parser("featurizer", help="train the domain classifier behind the offline FID")
     featurizer.add_argument("--shards", default="data/shards")
     featurizer.add_argument("--out", default="models/featurizer")
@@ -84,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--featurizer", default="models/featurizer")
     evaluate.add_argument("--metrics", default="metrics")
     evaluate.set_defaults(run=_evaluate)
-    for sub in (prepare, featurizer, train, evaluate):
+    for sub in (prepare, featurizer, train, tune, evaluate):
         sub.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        sub.add_argument("--overlay", action="append", default=[], metavar="FILE",
+                         help="params fragment merged over --params, e.g. tune/gan_best.yaml (repeatable)")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a param, e.g. prepare.image_size=32 (value parsed as YAML)")
     prepare.set_defaults(run=_prepare)

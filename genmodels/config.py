@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import annotated_types as at
 import yaml
@@ -80,6 +80,10 @@ class GANParams(_Section):
     num_steps: Annotated[int, Field(ge=1)] = 1500
     """Generator steps."""
 
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset({"lr_g", "lr_d", "beta1", "beta2", "gp_weight", "d_steps_per_g_step", "ema_decay"})
+    """Keys a checkpoint can be continued under with another value (the state dicts still load):
+    what PBT may mutate."""
+
     @model_validator(mode="after")
     def _penalty_needs_per_sample_critic(self) -> "GANParams":
         if self.loss == "wgan-gp" and self.d_norm == "batch":
@@ -102,6 +106,8 @@ class VAEParams(_Section):
     lr: Annotated[float, Field(gt=0, le=1)] = 1e-3
     ema_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
     num_steps: Annotated[int, Field(ge=1)] = 1500
+
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset({"lr", "beta", "ema_decay"})
 
 
 class TrainParams(_Section):
@@ -180,6 +186,108 @@ class EvaluateParams(_Section):
     """Reference statistics, keyed by protocol signature."""
 
 
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
+# Keys a sweep holds fixed: trial resources (the concurrency is computed from them), names and
+# storage (the sweep owns them), the step budget (`tune.num_steps`) and the evaluation schedule
+# that every trial's metric comes from.
+SWEEP_FIXED = frozenset({"num_workers", "use_gpu", "cpus_per_worker", "threads_per_worker", "run_name", "storage_path",
+                         "experiment", "eval_every_steps", "eval_num_samples", "checkpoint_every_steps", "num_steps"})
+
+
+class Distribution(_Section):
+    """One search-space entry: exactly one of `choice: [..]`, `uniform: [lo, hi]`,
+    `loguniform: [lo, hi]`, `randint: [lo, hi]` (hi exclusive, as Ray's) or `grid: [..]`."""
+
+    choice: list[Any] | None = None
+    uniform: list[float] | None = None
+    loguniform: list[float] | None = None
+    randint: list[int] | None = None
+    grid: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Distribution":
+        given = [name for name in DISTRIBUTIONS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"expected exactly one of {', '.join(DISTRIBUTIONS)}")
+        kind, value = self.kind, self.value
+        if kind in ("choice", "grid") and not value:
+            raise ValueError(f"{kind}: expected a non-empty list")
+        if kind in ("uniform", "loguniform", "randint") and not (len(value) == 2 and value[0] < value[1]):
+            raise ValueError(f"{kind}: expected [low, high] with low < high")
+        if kind == "loguniform" and value[0] <= 0:
+            raise ValueError("loguniform: expected a positive low bound")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in DISTRIBUTIONS if getattr(self, name) is not None)
+
+    @property
+    def value(self) -> Any:
+        return getattr(self, self.kind)
+
+    def extremes(self) -> list[Any]:
+        """Values that every draw lies between or among: checked against the `train` schema."""
+        if self.kind == "randint":
+            return [self.randint[0], self.randint[1] - 1]
+        return list(self.value)
+
+
+def _default_space() -> dict[str, dict[str, Distribution]]:
+    return {
+        "gan": {"train.gan.lr_g": Distribution(loguniform=[5e-5, 1e-3]), "train.gan.lr_d": Distribution(loguniform=[5e-5, 1e-3]),
+                "train.gan.loss": Distribution(choice=["bce", "hinge"])},
+        "vae": {"train.vae.lr": Distribution(loguniform=[3e-4, 3e-3]), "train.vae.latent_dim": Distribution(choice=[8, 16, 32])},
+    }
+
+
+class TuneParams(_Section):
+    """`tune`: Ray Tune sweeps (`genmodels tune <family>`); every trial is a `train` run."""
+
+    name: str = ""
+    """Sweep name (Tune experiment directory under train.storage_path); empty: <family>-tune-<hash of
+    data, params and code>. `--resume` continues the sweep of that name."""
+    space: dict[str, dict[str, Distribution]] = Field(default_factory=_default_space)
+    """Per family: dotted `train.*` key -> distribution. Under `scheduler: pbt` the space is also
+    PBT's mutations, so it may hold only keys a checkpoint survives (optimiser settings)."""
+    num_samples: Annotated[int, Field(ge=1, le=100_000)] = 8
+    """Trials (each grid combination counts num_samples times, as in Ray)."""
+    max_concurrent_trials: Annotated[int, Field(ge=0, le=100_000)] = 0
+    """0: as many as the cluster fits (CPUs and GPUs of one trial's workers), resolved and printed."""
+    search: Literal["random", "optuna"] = "random"
+    scheduler: Literal["fifo", "asha", "pbt"] = "asha"
+    metric: str = ""
+    """Reported key to optimise; empty: the family's own (GAN eval/fid, VAE eval/elbo)."""
+    mode: Literal["", "min", "max"] = ""
+    """Empty: the family's own mode (min for FID, max for ELBO)."""
+    num_steps: Annotated[int, Field(ge=0)] = 0
+    """Per-trial step budget; 0: train.<family>.num_steps."""
+    grace_period: Annotated[int, Field(ge=1)] = 500
+    """ASHA: steps before a trial can be stopped (`time_attr` is the training step)."""
+    reduction_factor: Annotated[float, Field(gt=1, le=100)] = 2.0
+    perturbation_interval: Annotated[int, Field(ge=1)] = 500
+    """PBT: steps between exploit/explore decisions; a multiple of train.eval_every_steps."""
+    resample_probability: Annotated[float, Field(ge=0, le=1)] = 0.25
+    """PBT: chance that a mutated key is drawn afresh instead of perturbed by 0.8 / 1.2."""
+    seed: Annotated[int, Field(ge=0)] = 0
+    """Seed of the searcher (random draws, Optuna TPE); PBT draws its perturbations unseeded."""
+
+    @model_validator(mode="after")
+    def _combination_ray_accepts(self) -> "TuneParams":
+        kinds = {dist.kind for space in self.space.values() for dist in space.values()}
+        if self.search == "optuna" and self.scheduler == "pbt":
+            raise ValueError('search "optuna" with scheduler "pbt": PBT changes configs under a running trial, which '
+                             'Optuna cannot model; use search "random" with pbt')
+        if self.search == "optuna" and "grid" in kinds:
+            raise ValueError('search "optuna" cannot use "grid" entries (Ray\'s OptunaSearch refuses grid_search); '
+                             'use "choice", or search "random"')
+        if self.scheduler == "pbt" and "grid" in kinds:
+            raise ValueError('scheduler "pbt" mutates from distributions: use "choice" instead of "grid"')
+        if bool(self.metric) != bool(self.mode):
+            raise ValueError("metric and mode go together: set both, or neither (the family's own)")
+        return self
+
+
 class Params(_Section):
     """The whole of `params.yaml`: one section per stage."""
 
@@ -187,11 +295,82 @@ class Params(_Section):
     featurizer: FeaturizerParams = FeaturizerParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    tune: TuneParams = TuneParams()
+
+    @model_validator(mode="after")
+    def _space_keys_are_train_keys(self) -> "Params":
+        for family, space in self.tune.space.items():
+            check_space(self.train, family, space, pbt=self.tune.scheduler == "pbt")
+        return self
 
 
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Read, override (`a.b=value`, value parsed as YAML) and validate a params file."""
-    path = Path(path)
+def train_keys(family: str) -> list[str]:
+    """The dotted `train.*` leaf keys a `family` run reads: shared keys and `train.<family>.*`."""
+    sections = {name for name, f in TrainParams.model_fields.items() if _is_section(f.annotation)}
+    keys = [f"train.{name}" for name in TrainParams.model_fields if name not in sections]
+    if family in sections:
+        keys += [f"train.{family}.{name}" for name in _section_type(TrainParams.model_fields[family].annotation).model_fields]
+    return keys
+
+
+def check_space(train: "TrainParams", family: str, space: dict[str, Distribution], *, pbt: bool) -> None:
+    """Raise ValueError (with the `tune.space.<family>.<key>` path) for a key that is not a `train`
+    key of that family, one a sweep holds fixed, one PBT cannot mutate, or a value `train` refuses."""
+    sections = [name for name, f in TrainParams.model_fields.items() if _is_section(f.annotation)]
+    if family not in sections:
+        raise ValueError(f"tune.space.{family}: unknown family (expected one of: {', '.join(sections)})")
+    valid = train_keys(family)
+    for key, dist in space.items():
+        where = f"tune.space.{family}.{key}"
+        if key not in valid:
+            tunable = [k for k in valid if k.rsplit(".", 1)[-1] not in SWEEP_FIXED]
+            raise ValueError(f"{where}: not a train key of the {family} family (valid: {', '.join(tunable)})")
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf in SWEEP_FIXED:
+            raise ValueError(f"{where}: fixed within a sweep (trial resources, names, the step budget tune.num_steps "
+                             "and the evaluation schedule are the sweep's)")
+        family_section = key.count(".") == 2
+        resumable = getattr(TrainParams.model_fields[family].annotation, "RESUMABLE", frozenset()) if family_section else frozenset()
+        if pbt and leaf not in resumable:
+            raise ValueError(f"{where}: PBT continues a checkpoint under mutated values, which only works for "
+                             f"optimiser settings (allowed: {', '.join(f'train.{family}.{k}' for k in sorted(resumable))})")
+        for value in dist.extremes():
+            try:
+                apply_overrides(train, {key: value})
+            except ConfigError as err:
+                raise ValueError(f"{where}: {dist.kind} value {value!r} is refused by the train schema: "
+                                 f"{err}") from None
+
+
+def apply_overrides(train: "TrainParams", values: dict[str, Any]) -> "TrainParams":
+    """`train` with dotted `train.*` keys replaced, validated again as a whole."""
+    raw = train.model_dump()
+    for key, value in values.items():
+        *parents, leaf = key.split(".")[1:]
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    try:
+        return TrainParams.model_validate(raw)
+    except ValidationError as err:
+        lines = [_describe_error({**e, "loc": ("train", *e["loc"])}) for e in err.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = (),
+                overlays: list[str | Path] | tuple[str | Path, ...] = ()) -> Params:
+    """Read a params file, merge `overlays` (params fragments such as tune/gan_best.yaml, in
+    order), apply `overrides` (`a.b=value`, value parsed as YAML), and validate."""
+    raw = _read_mapping(Path(path))
+    for extra in overlays:
+        _merge(raw, _read_mapping(Path(extra)))
+    for item in overrides:
+        _apply_override(raw, item)
+    return parse_params(raw, source=" + ".join(str(p) for p in (path, *overlays)))
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -200,9 +379,15 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of stage sections, got {type(raw).__name__}")
-    for item in overrides:
-        _apply_override(raw, item)
-    return parse_params(raw, source=str(path))
+    return raw
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
 
 
 def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
@@ -227,6 +412,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def _describe_error(error: dict[str, Any]) -> str:
+    if not error["loc"] and error["type"] == "value_error":  # a check across sections names its own keys
+        return str(error["ctx"]["error"])
     loc = ".".join(str(part) for part in error["loc"])
     field, owner = _field_at(error["loc"])
     if error["type"] == "extra_forbidden":
@@ -248,12 +435,20 @@ def _describe_error(error: dict[str, Any]) -> str:
 
 def _field_at(loc: tuple) -> tuple[Any, type[BaseModel] | None]:
     model: type[BaseModel] | None = Params
-    field = None
+    field, owner, annotation = None, None, None
     for part in loc:
+        if typing.get_origin(annotation) is dict:  # a key of a mapping (tune.space.<family>.<key>)
+            annotation = typing.get_args(annotation)[1]
+            model = _section_type(annotation)
+            field = None if model is not None else field  # a mapping of sections: "expected a mapping"
+            continue
+        if isinstance(part, int):  # an item of a list: the list's field speaks for it
+            continue
         if model is None or part not in model.model_fields:
             return None, model
         field = model.model_fields[part]
-        owner, model = model, _section_type(field.annotation)
+        owner, annotation = model, field.annotation
+        model = _section_type(annotation)
     return field, owner
 
 

@@ -82,23 +82,13 @@ def open_run(
     A resumed run gets no params: MLflow params are immutable, and the run already holds the
     ones it started with. Its status goes back to RUNNING.
     """
-    # run_key is matched through an MLflow filter string, which has no escapes: quote it with a
-    # quote character it does not contain (a path like /home/o'brien needs double quotes).
-    quote = next((q for q in "'\"" if q not in run_key), None)
-    if not run_key or quote is None or "\\" in run_key:
-        raise ValueError(f"run_key: expected a non-empty string without backslashes and without both "
-                         f"quote characters, got {run_key!r}")
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
     client = MlflowClient(tracking_uri=tracking.uri)
     experiment_id = _experiment_id(client, experiment, tracking.artifact_location)
-    found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = {quote}{run_key}{quote}",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )  # ACTIVE_ONLY by default: a deleted run is never resumed
-    if found:
-        run_id = found[0].info.run_id
+    run_id = _find_run(client, experiment_id, run_key)
+    if run_id is not None:
         client.update_run(run_id, status="RUNNING")
         return run_id, True
 
@@ -106,6 +96,29 @@ def open_run(
     # MlflowClient.log_batch splits these into calls of <= 100 params (MAX_PARAMS_TAGS_PER_BATCH).
     client.log_batch(run_id, params=[Param(k, v) for k, v in flatten_params(params).items()])
     return run_id, False
+
+
+def find_run(tracking_uri: str, experiment: str, run_key: str) -> str | None:
+    """The id of the (not deleted) run tagged `run_key` in `experiment`, None if there is none."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    return None if found is None else _find_run(client, found.experiment_id, run_key)
+
+
+def _find_run(client, experiment_id: str, run_key: str) -> str | None:
+    # run_key is matched through an MLflow filter string, which has no escapes: quote it with a
+    # quote character it does not contain (a path like /home/o'brien needs double quotes).
+    quote = next((q for q in "'\"" if q not in run_key), None)
+    if not run_key or quote is None or "\\" in run_key:
+        raise ValueError(f"run_key: expected a non-empty string without backslashes and without both "
+                         f"quote characters, got {run_key!r}")
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = {quote}{run_key}{quote}",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )  # ACTIVE_ONLY by default: a deleted run is never resumed
+    return found[0].info.run_id if found else None
 
 
 def _experiment_id(client, name: str, artifact_location: str | None) -> str:

@@ -2,7 +2,7 @@
 
 Layout of a checkpoint directory (Ray merges what every rank reports into one directory):
     state.pt           rank 0: every module/optimizer state by name, global step, epoch, the
-                       resolved job config and the MLflow run id
+                       resolved job config, the MLflow run id and the metrics reported with it
     rng_rank<R>.pt     each rank: its torch (and CUDA) RNG state, so a resumed run draws the
                        same noise it would have drawn had it never stopped
     weights_rank<R>.sha256   each rank: a digest of its module weights and of the EMA model's
@@ -12,9 +12,11 @@ Layout of a checkpoint directory (Ray merges what every rank reports into one di
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -23,12 +25,40 @@ import torch
 STATE_FILE = "state.pt"
 
 
+@dataclass(frozen=True)
+class StartFrom:
+    """Another run's checkpoint that a new run starts from (PBT: the donor's), handed to the
+    workers by value through Ray's object store, so that no worker opens a path on the driver's
+    disk. Without the RNG files: the new run keeps its own noise streams."""
+
+    files: dict[str, bytes]
+    may_differ: tuple[str, ...]
+    """Config keys (dotted, as in `load_bundle`) the new run may have changed."""
+    label: str
+    """Where it comes from, for people (recorded as an MLflow tag)."""
+
+    @classmethod
+    def from_directory(cls, directory: Path, *, may_differ: tuple[str, ...], label: str) -> "StartFrom":
+        files = {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir())
+                 if p.name == STATE_FILE or p.name.startswith("weights_rank")}
+        if STATE_FILE not in files:
+            raise FileNotFoundError(f"{directory}: no {STATE_FILE} (not a genmodels checkpoint)")
+        return cls(files=files, may_differ=may_differ, label=label)
+
+    def load(self, objects: dict[str, object], *, rank: int, config: dict) -> dict:
+        with tempfile.TemporaryDirectory(prefix="genmodels-start-") as tmp:
+            for name, data in self.files.items():
+                (Path(tmp) / name).write_bytes(data)
+            return load_bundle(Path(tmp), objects, rank=rank, config=config, may_differ=self.may_differ)
+
+
 def _rng_file(rank: int) -> str:
     return f"rng_rank{rank}.pt"
 
 
 @contextmanager
-def bundle_dir(objects: dict[str, object], *, rank: int, step: int, epoch: int, config: dict, run_id: str) -> Iterator[Path]:
+def bundle_dir(objects: dict[str, object], *, rank: int, step: int, epoch: int, config: dict, run_id: str,
+               metrics: dict[str, float] | None = None) -> Iterator[Path]:
     """A temporary directory holding this rank's share of the checkpoint at `step`."""
     with tempfile.TemporaryDirectory(prefix="genmodels-ckpt-") as tmp:
         path = Path(tmp)
@@ -39,29 +69,33 @@ def bundle_dir(objects: dict[str, object], *, rank: int, step: int, epoch: int, 
         (path / f"weights_rank{rank}.sha256").write_text(weights_digest(objects))
         if rank == 0:
             state = {name: obj.state_dict() for name, obj in objects.items()}
-            torch.save({"objects": state, "step": step, "epoch": epoch, "config": config, "mlflow_run_id": run_id},
-                       path / STATE_FILE)
+            torch.save({"objects": state, "step": step, "epoch": epoch, "config": config, "mlflow_run_id": run_id,
+                        "metrics": dict(metrics or {})}, path / STATE_FILE)
         yield path
 
 
-def load_latest(checkpoint, objects: dict[str, object], *, rank: int, config: dict) -> int:
+def load_latest(checkpoint, objects: dict[str, object], *, rank: int, config: dict) -> dict:
     """Restore `objects` and this rank's RNG in place from Ray's latest checkpoint
-    (`ray.train.get_checkpoint()`, None for a fresh run); returns the step to continue from."""
+    (`ray.train.get_checkpoint()`, None for a fresh run); returns the bundle's metadata, whose
+    "step" is the step to continue from (0 for a fresh run)."""
     if checkpoint is None:
-        return 0
+        return {"step": 0, "epoch": 0, "mlflow_run_id": None, "metrics": {}}
     with checkpoint.as_directory() as directory:
-        return load_bundle(Path(directory), objects, rank=rank, config=config)["step"]
+        return load_bundle(Path(directory), objects, rank=rank, config=config)
 
 
-def load_bundle(directory: Path, objects: dict[str, object], *, rank: int, config: dict) -> dict:
+def load_bundle(directory: Path, objects: dict[str, object], *, rank: int, config: dict, may_differ: tuple[str, ...] = ()) -> dict:
     """Restore `objects` in place from a checkpoint directory; returns the bundle's metadata.
 
     Refuses a checkpoint whose resolved config differs from this run's: a run name is a promise
-    that the steps before and after the restart belong to the same experiment.
+    that the steps before and after the restart belong to the same experiment. `may_differ` names
+    config keys (dotted, e.g. "gan.lr_g") that are allowed to differ: PBT continues a donor's
+    checkpoint under mutated optimiser settings. An optimizer keeps the hyperparameters it was
+    built with (this run's config); its state (moments, step counts) comes from the checkpoint.
     """
     bundle = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    if bundle["config"] != config:
-        changed = sorted(_diff(bundle["config"], config))
+    if _without(bundle["config"], may_differ) != _without(config, may_differ):
+        changed = sorted(_diff(_without(bundle["config"], may_differ), _without(config, may_differ)))
         raise ValueError(
             f"checkpoint {directory} was written with a different config (changed: {', '.join(changed)}); "
             "pick another train.run_name, or delete that run's directory under train.storage_path to start over"
@@ -71,14 +105,18 @@ def load_bundle(directory: Path, objects: dict[str, object], *, rank: int, confi
         raise ValueError(f"checkpoint {directory} lacks {', '.join(missing)} (written by an older genmodels?); "
                          "pick another train.run_name, or delete that run's directory under train.storage_path to start over")
     for name, obj in objects.items():
+        built = [{k: v for k, v in group.items() if k != "params"} for group in getattr(obj, "param_groups", [])]
         obj.load_state_dict(bundle["objects"][name])
+        for group, hyper in zip(getattr(obj, "param_groups", []), built):
+            group.update(hyper)
     rng_path = directory / _rng_file(rank)
     if rng_path.exists():  # absent when the world size grew: this rank then keeps its fresh seed
         rng = torch.load(rng_path, weights_only=True)
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    return {k: bundle[k] for k in ("step", "epoch", "mlflow_run_id")}
+    return {"step": bundle["step"], "epoch": bundle["epoch"], "mlflow_run_id": bundle["mlflow_run_id"],
+            "metrics": bundle.get("metrics", {})}
 
 
 def read_exported(directory: Path) -> dict:
@@ -104,6 +142,18 @@ def weights_digest(objects: dict[str, object], *, with_buffers: tuple[str, ...] 
                 h.update(f"{name}.{key}".encode())
                 h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _without(config: dict, keys: tuple[str, ...]) -> dict:
+    pruned = copy.deepcopy(config)
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = pruned
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return pruned
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> Iterator[str]:

@@ -30,7 +30,7 @@ from genmodels.data.loader import ShardLoader
 from genmodels.data.transforms import image_grid
 from genmodels.families import FAMILIES, get_family
 from genmodels.train.chaos import Chaos
-from genmodels.train.checkpoint import bundle_dir, load_latest
+from genmodels.train.checkpoint import StartFrom, bundle_dir, load_latest, weights_digest
 from genmodels.train.ddp import Precision
 
 PROGRESS_METRIC = "train/epoch"  # logged at every log step: its last step tells a restart what MLflow already has
@@ -113,7 +113,18 @@ def train_loop_per_worker(config: dict) -> dict:
     torch.manual_seed(params.seed * 100_003 + rank + 1)  # then one noise stream per rank
     loader = ShardLoader(job.shards, "train", rank=rank, world_size=world_size, batch_size_per_worker=params.batch_size_per_worker,
                          num_workers=params.loader_workers, seed=params.seed)
-    step = load_latest(ray.train.get_checkpoint(), task.state(), rank=rank, config=job.identity())
+    start_from: StartFrom | None = config.get("start_from")
+    checkpoint = ray.train.get_checkpoint()  # this run's own latest: a restart or a rerun of the same name
+    if checkpoint is None and start_from is not None:
+        restored = start_from.load(task.state(), rank=rank, config=job.identity())
+        if logger:
+            logger.set_tags({f"genmodels.start.{restored['step']}.from": start_from.label,
+                             f"genmodels.start.{restored['step']}.weights_sha256": weights_digest(task.state())})
+    else:
+        restored = load_latest(checkpoint, task.state(), rank=rank, config=job.identity())
+    step = restored["step"]
+    if step >= num_steps and restored["metrics"]:
+        ray.train.report(restored["metrics"])  # a finished run rerun (a sweep restored after it ended) reports its result again
 
     steps_per_epoch, batch = len(loader), params.batch_size_per_worker
     sums, count, window_start, window_step = None, 0, time.perf_counter(), step
@@ -155,9 +166,10 @@ def train_loop_per_worker(config: dict) -> dict:
                 if logger:
                     logger.log_metrics(evaluated, step)
             if checkpoint:
-                with bundle_dir(task.state(), rank=rank, step=step, epoch=epoch, config=job.identity(), run_id=job.run_id) as d:
-                    ray.train.report({"step": step, **reported}, checkpoint=ray.train.Checkpoint.from_directory(d),
-                                     checkpoint_dir_name=f"step_{step:08d}")
+                metrics = {"step": step, **reported}
+                with bundle_dir(task.state(), rank=rank, step=step, epoch=epoch, config=job.identity(), run_id=job.run_id,
+                                metrics=metrics) as d:
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"step_{step:08d}")
             elif evaluate:
                 ray.train.report({"step": step, **reported})  # Tune sees every evaluation, checkpoint or not
             if step >= num_steps:

@@ -36,7 +36,7 @@ from genmodels.data.shards import Manifest, load_manifest, manifest_sha256
 from genmodels.families import FAMILIES, Family, get_family
 from genmodels.files import replace_dir, staging_dir, write_text
 from genmodels.train.chaos import Chaos
-from genmodels.train.checkpoint import read_exported
+from genmodels.train.checkpoint import StartFrom, read_exported
 from genmodels.train.loop import TrainJob, code_digest, train_loop_per_worker
 
 
@@ -105,11 +105,16 @@ def _resolve(params: Params, spec: Family, shards: str | Path, project_dir: Path
     job = TrainJob(family=spec.name, params=tp, shards=shards, manifest_sha256=manifest_sha, image_size=manifest.image_size,
                    channels=manifest.channels, code_sha256=code_digest(), tracking_uri=tracking_uri, run_id="-",
                    chaos=Chaos.from_env(), **_periodic_eval_inputs(params, spec, manifest, featurizer_dir))
-    config = {"family": spec.name, "train": tp.model_dump(exclude=set(FAMILIES)), spec.name: job.family_params.model_dump(),
-              "data": {"shards": shards, "manifest_sha256": manifest_sha, "image_size": manifest.image_size,
-                       "channels": manifest.channels, "num_train": manifest.split("train").num_samples}}
+    config = run_config(job, {"shards": shards, "manifest_sha256": manifest_sha, "image_size": manifest.image_size,
+                              "channels": manifest.channels, "num_train": manifest.split("train").num_samples})
     return _Resolved(job=job, run_name=tp.run_name or job.default_run_name(), storage=_storage_uri(tp.storage_path, project_dir),
                      config=config, manifest=manifest)
+
+
+def run_config(job: TrainJob, data: dict) -> dict:
+    """The resolved config of a run: its MLflow params, and models/<family>/config.json."""
+    return {"family": job.family, "train": job.params.model_dump(exclude=set(FAMILIES)), job.family: job.family_params.model_dump(),
+            "data": data}
 
 
 def _periodic_eval_inputs(params: Params, spec: Family, manifest: Manifest, featurizer_dir: Path) -> dict:
@@ -149,33 +154,46 @@ def _open_run(resolved: _Resolved, tracking, project_dir: Path) -> tuple[TrainJo
 
 
 def _fit(job: TrainJob, resolved: _Resolved, signals: _DriverSignals):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import TrainingFailedError
 
-    tp = job.params
-    resources = {"CPU": tp.cpus_per_worker, **({"GPU": 1} if tp.use_gpu else {})}
-    trainer = _trainer_class(signals)(
-        train_loop_per_worker,
-        train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=tp.num_workers, use_gpu=tp.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=resolved.run_name, storage_path=resolved.storage,
-                             failure_config=FailureConfig(max_failures=tp.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=tp.num_checkpoints_kept)),
-    )
+    trainer = make_trainer(job, name=resolved.run_name, storage=resolved.storage, trainer_class=_trainer_class(signals))
     start = time.perf_counter()
     try:
         result = trainer.fit()
     except TrainingFailedError as err:
         if signals.received:
             raise  # aborted by a signal: `train` reports the signal, not the abort
-        failures = getattr(err, "worker_failures", None) or {}
-        first = next(iter(failures.values()), None)
-        raise TrainError(f"train {job.family}: run {resolved.run_name!r} failed: {first!r}" if first
-                         else f"train {job.family}: {err}") from None
+        raise TrainError(f"train {job.family}: run {resolved.run_name!r} failed: {worker_error(err)}") from None
     finally:
         signals.abort = None
     if signals.received:  # an abort can also end fit() without an error
         raise KeyboardInterrupt
     return result, time.perf_counter() - start
+
+
+def make_trainer(job: TrainJob, *, name: str, storage: str, trainer_class=None, callbacks: list | tuple = (),
+                 start_from: StartFrom | None = None):
+    """The Ray Train run of `job`, named `name` under `storage` (the same name resumes from its latest
+    checkpoint); `genmodels train` and every Tune trial build theirs here."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    tp = job.params
+    resources = {"CPU": tp.cpus_per_worker, **({"GPU": 1} if tp.use_gpu else {})}
+    return (trainer_class or TorchTrainer)(
+        train_loop_per_worker,
+        train_loop_config={"job": job, "start_from": start_from},
+        scaling_config=ScalingConfig(num_workers=tp.num_workers, use_gpu=tp.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=tp.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=tp.num_checkpoints_kept), callbacks=list(callbacks)),
+    )
+
+
+def worker_error(err: Exception) -> str:
+    """The first worker's own exception from a TrainingFailedError, else the error itself."""
+    failures = getattr(err, "worker_failures", None) or {}
+    first = next(iter(failures.values()), None)
+    return repr(first) if first is not None else str(err)
 
 
 def _export(spec: Family, result, resolved: _Resolved, job: TrainJob, models_dir: Path) -> int:

@@ -1,11 +1,15 @@
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import ray
 
-from genmodels.config import PrepareParams
+from genmodels.config import FeaturizerParams, PrepareParams
 from genmodels.data.shards import prepare_shards
+from genmodels.stages.featurizer import train_featurizer
+from tests.integration.mlflow_server import start_mlflow_server
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +35,34 @@ def project_copy(tmp_path, repo_root) -> Path:
     for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "copy of genmodels"]):
         subprocess.run(["git", *args], cwd=dest, check=True)
     return dest
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # the controller polls workers this often
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mlflow_url(tmp_path_factory):
+    with start_mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def quick_featurizer(mnist_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("featurizer")
+    train_featurizer(FeaturizerParams(num_epochs=1), mnist_shards, out / "model", out / "featurizer.json")
+    return out / "model"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, mlflow_url, quick_featurizer):
+    """A project directory laid out as `dvc repro` leaves it before training: models/featurizer in place."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "featurizer").symlink_to(quick_featurizer)
+    return tmp_path

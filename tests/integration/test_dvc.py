@@ -17,7 +17,8 @@ TINY_TRAIN = {"num_workers": 1, "log_every_steps": 2, "sample_every_steps": 4, "
 
 TINY_OTHERS = {"featurizer": {"num_epochs": 1, "min_val_accuracy": 0.0},
                "evaluate": {"num_samples": 200, "kid_subset_size": 100, "kid_num_subsets": 5, "bootstrap_resamples": 2,
-                            "iwae_num_samples": 2, "reference_max_samples": 500}}
+                            "iwae_num_samples": 2, "reference_max_samples": 500},
+               "tune": {"num_samples": 2, "scheduler": "fifo"}}
 
 
 def _shrink_training(project):
@@ -61,6 +62,13 @@ def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
     assert "Running stage" not in again and "didn't change" in again
     assert (project_copy / "dvc.lock").read_text() == lock
     assert "up to date" in _run(project_copy, "dvc", "status")
+    assert "tune" not in out  # plain `dvc repro` never starts a sweep
+
+    swept = _run(project_copy, "dvc", "repro", "tune/dvc.yaml:tune@vae")
+    assert "Running stage 'tune/dvc.yaml:tune@vae'" in swept and "Running stage 'train" not in swept
+    best = yaml.safe_load((project_copy / "tune/vae_best.yaml").read_text())
+    assert set(best["train"]["vae"]) == {"lr", "latent_dim"}
+    assert "up to date" in _run(project_copy, "dvc", "status", "tune/dvc.yaml:tune@vae")
 
     _failed_stages_keep_their_outputs(project_copy)
     assert "up to date" in _run(project_copy, "dvc", "status")  # every output is still the one dvc.lock records

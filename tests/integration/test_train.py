@@ -14,16 +14,12 @@ import sys
 import time
 
 import pytest
-import ray
 import torch
 from mlflow import MlflowClient
 
-from genmodels.config import FeaturizerParams, PrepareParams, parse_params
+from genmodels.config import PrepareParams, parse_params
 from genmodels.data.shards import prepare_shards
-from genmodels.stages.featurizer import train_featurizer
-from genmodels.train.checkpoint import STATE_FILE
 from genmodels.train.run import TrainError, train
-from tests.integration.mlflow_server import start_mlflow_server
 
 TINY = {
     "num_workers": 2, "batch_size_per_worker": 32, "log_every_steps": 4, "sample_every_steps": 6,
@@ -31,38 +27,6 @@ TINY = {
     "eval_num_samples": 50,
     "gan": {"width": 8, "num_steps": 12, "latent_dim": 16}, "vae": {"width": 8, "num_steps": 8, "latent_dim": 8},
 }
-
-
-@pytest.fixture(scope="module")
-def ray_runtime():
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # the controller polls workers this often
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def mlflow_url(tmp_path_factory):
-    with start_mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def quick_featurizer(mnist_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("featurizer")
-    train_featurizer(FeaturizerParams(num_epochs=1), mnist_shards, out / "model", out / "featurizer.json")
-    return out / "model"
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch, mlflow_url, quick_featurizer):
-    """A project directory laid out as `dvc repro` leaves it before training: models/featurizer in place."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "featurizer").symlink_to(quick_featurizer)
-    return tmp_path
-
 
 
 def _params(**train):

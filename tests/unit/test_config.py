@@ -65,3 +65,51 @@ def test_params_are_frozen():
     params = parse_params({})
     with pytest.raises(Exception):
         params.prepare.image_size = 64
+
+
+@pytest.mark.parametrize(
+    ("tune", "message"),
+    [
+        ({"space": {"gan": {"train.gan.lr": {"uniform": [0.1, 0.2]}}}},
+         "tune.space.gan.train.gan.lr: not a train key of the gan family (valid: train.amp,"),
+        ({"space": {"gan": {"train.vae.lr": {"choice": [0.1]}}}}, "tune.space.gan.train.vae.lr: not a train key of the gan family"),
+        ({"space": {"gpt": {}}}, "tune.space.gpt: unknown family (expected one of: gan, vae)"),
+        ({"space": {"gan": {"train.num_workers": {"choice": [1, 2]}}}}, "tune.space.gan.train.num_workers: fixed within a sweep"),
+        ({"space": {"gan": {"train.gan.num_steps": {"choice": [10]}}}}, "tune.space.gan.train.gan.num_steps: fixed within a sweep"),
+        ({"space": {"gan": {"train.gan.width": {"choice": [8, 2]}}}},
+         "tune.space.gan.train.gan.width: choice value 2 is refused by the train schema: train.gan.width: expected an integer in [4, 1024], got 2"),
+        ({"space": {"gan": {"train.gan.lr_g": {"uniform": [0.1, 0.2], "choice": [1]}}}},
+         "tune.space.gan.train.gan.lr_g: expected exactly one of choice, uniform, loguniform, randint, grid"),
+        ({"space": {"gan": {"train.gan.lr_g": {"loguniform": [0.0, 0.1]}}}}, "tune.space.gan.train.gan.lr_g: loguniform: expected a positive low bound"),
+        ({"space": {"gan": {"train.gan.lr_g": {"uniform": [0.3, 0.2]}}}}, "tune.space.gan.train.gan.lr_g: uniform: expected [low, high] with low < high"),
+        ({"space": {"gan": {"train.gan.lr_g": 0.1}}}, "tune.space.gan.train.gan.lr_g: expected a mapping, got 0.1"),
+        ({"search": "optuna", "scheduler": "pbt"}, 'tune: search "optuna" with scheduler "pbt"'),
+        ({"search": "optuna", "space": {"gan": {"train.gan.loss": {"grid": ["bce", "hinge"]}}}}, 'tune: search "optuna" cannot use "grid"'),
+        ({"scheduler": "pbt"}, "tune.space.gan.train.gan.loss: PBT continues a checkpoint under mutated values"),
+        ({"metric": "eval/fid"}, "tune: metric and mode go together"),
+        ({"searcher": "tpe"}, "tune.searcher: unknown key"),
+    ],
+)
+def test_bad_tune_sections_name_the_key(tune, message):
+    with pytest.raises(ConfigError) as err:
+        parse_params({"tune": tune}, source="params.yaml")
+    assert f"params.yaml: {message}" in str(err.value)
+
+
+def test_a_valid_space_and_the_pbt_space():
+    params = parse_params({"tune": {"space": {"gan": {"train.seed": {"randint": [0, 4]}, "train.gan.loss": {"grid": ["bce", "hinge"]}}}}})
+    assert params.tune.space["gan"]["train.seed"].kind == "randint"
+    pbt = parse_params({"tune": {"scheduler": "pbt", "space": {"gan": {"train.gan.lr_g": {"loguniform": [0.0001, 0.001]}}, "vae": {}}}})
+    assert pbt.tune.space["gan"]["train.gan.lr_g"].extremes() == [0.0001, 0.001]
+
+
+def test_overlays_merge_over_the_params_file_before_overrides(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  seed: 3\n  gan:\n    lr_g: 0.001\n    width: 8\n")
+    (tmp_path / "best.yaml").write_text("train:\n  gan:\n    lr_g: 0.0005\n")
+    params = load_params(tmp_path / "params.yaml", ["train.seed=4"], [tmp_path / "best.yaml"])
+    assert (params.train.gan.lr_g, params.train.gan.width, params.train.seed) == (0.0005, 8, 4)
+    (tmp_path / "bad.yaml").write_text("train:\n  gan:\n    lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"params.yaml \+ .*bad.yaml: train.gan.lr: unknown key"):
+        load_params(tmp_path / "params.yaml", overlays=[tmp_path / "bad.yaml"])
+    with pytest.raises(ConfigError, match="missing.yaml: params file not found"):
+        load_params(tmp_path / "params.yaml", overlays=[tmp_path / "missing.yaml"])

@@ -57,14 +57,23 @@ def import_closure(entry: Path, command: str) -> set[str]:
     return {_module_file(n).relative_to(ROOT).as_posix() for n in seen}
 
 
+DVC_FILES = ("dvc.yaml", "tune/dvc.yaml")  # tune/ runs only when asked: `dvc repro tune/dvc.yaml`
+
+
 def _stages() -> list[tuple[str, dict]]:
+    """(name, stage) of every stage, with paths relative to the project root (each file's stages
+    run from the root: `wdir: ..` in tune/dvc.yaml)."""
     stages = []
-    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
-        if "foreach" in stage:
-            text = yaml.safe_dump(stage["do"])
-            stages += [(f"{name}@{item}", yaml.safe_load(text.replace("${item}", item))) for item in stage["foreach"]]
-        else:
-            stages.append((name, stage))
+    for file in DVC_FILES:
+        for name, stage in yaml.safe_load((ROOT / file).read_text())["stages"].items():
+            if "foreach" in stage:
+                text = yaml.safe_dump(stage["do"])
+                stages += [(f"{file}:{name}@{item}", yaml.safe_load(text.replace("${item}", item))) for item in stage["foreach"]]
+            else:
+                stages.append((f"{file}:{name}", stage))
+    for name, stage in stages:
+        root = (ROOT / Path(name.split(":")[0]).parent / stage.get("wdir", ".")).resolve()
+        assert root == ROOT, f"{name}: runs in {root}, not the project root: its paths would not match"
     return stages
 
 

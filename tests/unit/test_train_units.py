@@ -6,7 +6,7 @@ import torch
 
 from genmodels.config import ConfigError, parse_params
 from genmodels.data.transforms import image_grid
-from genmodels.train.checkpoint import bundle_dir, load_bundle, read_exported, weights_digest
+from genmodels.train.checkpoint import StartFrom, bundle_dir, load_bundle, read_exported, weights_digest
 from genmodels.train.chaos import Chaos
 from genmodels.train.loop import TrainJob
 
@@ -64,12 +64,34 @@ def test_bundle_round_trip_restores_state_and_rng(tmp_path):
     fresh_opt = torch.optim.Adam(fresh.parameters())
     torch.manual_seed(99)
     meta = load_bundle(tmp_path, {"model": fresh, "opt": fresh_opt}, rank=0, config={"a": 1})
-    assert meta == {"step": 7, "epoch": 1, "mlflow_run_id": "run"}
+    assert meta == {"step": 7, "epoch": 1, "mlflow_run_id": "run", "metrics": {}}
     assert torch.equal(fresh.weight, model.weight)
     assert fresh_opt.state_dict()["state"][0]["step"] == 1
     assert torch.equal(torch.rand(3), expected_noise)  # the RNG continues where it was saved
     with pytest.raises(ValueError, match=r"different config \(changed: a: 1 -> 2\)"):
         load_bundle(tmp_path, {"model": fresh, "opt": fresh_opt}, rank=0, config={"a": 2})
+
+
+def test_a_start_from_bundle_may_differ_in_named_keys_only_and_keeps_the_new_optimiser_settings(tmp_path):
+    """PBT's exploit: the donor's weights and Adam moments, under the exploiting trial's mutated lr."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    donor = {"gan": {"lr_g": 1e-3, "width": 8}, "data": "x"}
+    with bundle_dir({"model": model, "opt": opt}, rank=0, step=8, epoch=0, config=donor, run_id="r", metrics={"eval/fid": 3.0}) as d:
+        start = StartFrom.from_directory(d, may_differ=("gan.lr_g",), label="trial a step 8")
+    assert not any(name.startswith("rng") for name in start.files)  # the new run keeps its own noise
+    fresh = torch.nn.Linear(3, 2)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=5e-4)
+    mutated = {"gan": {"lr_g": 5e-4, "width": 8}, "data": "x"}
+    meta = start.load({"model": fresh, "opt": fresh_opt}, rank=0, config=mutated)
+    assert meta["step"] == 8 and meta["metrics"] == {"eval/fid": 3.0}
+    assert weights_digest({"model": fresh}) == weights_digest({"model": model})
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert fresh_opt.param_groups[0]["lr"] == 5e-4  # not the donor's 1e-3
+    with pytest.raises(ValueError, match=r"changed: gan.width: 8 -> 16"):
+        start.load({"model": fresh, "opt": fresh_opt}, rank=0, config={"gan": {"lr_g": 5e-4, "width": 16}, "data": "x"})
 
 
 def test_digest_covers_the_ema_buffers_but_not_the_live_ones():
