@@ -248,8 +248,9 @@ class TuneParams(_Section):
     """Sweep name (Tune experiment directory under train.storage_path); empty: <family>-tune-<hash of
     data, params and code>. `--resume` continues the sweep of that name."""
     space: dict[str, dict[str, Distribution]] = Field(default_factory=_default_space)
-    """Per family: dotted `train.*` key -> distribution. Under `scheduler: pbt` the space is also
-    PBT's mutations, so it may hold only keys a checkpoint survives (optimiser settings)."""
+    """Per family: dotted `train.*` key -> distribution. Under `scheduler: pbt` the swept family's
+    space is also PBT's mutations, so it may hold only keys a checkpoint survives (optimiser
+    settings); perturbed values are clamped to the distribution's range."""
     num_samples: Annotated[int, Field(ge=1, le=100_000)] = 8
     """Trials (each grid combination counts num_samples times, as in Ray)."""
     max_concurrent_trials: Annotated[int, Field(ge=0, le=100_000)] = 0
@@ -299,8 +300,8 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _space_keys_are_train_keys(self) -> "Params":
-        for family, space in self.tune.space.items():
-            check_space(self.train, family, space, pbt=self.tune.scheduler == "pbt")
+        for family, space in self.tune.space.items():  # what PBT may mutate is checked for the family swept
+            check_space(self.train, family, space, pbt=False)
         return self
 
 

@@ -90,12 +90,12 @@ def load_bundle(directory: Path, objects: dict[str, object], *, rank: int, confi
     Refuses a checkpoint whose resolved config differs from this run's: a run name is a promise
     that the steps before and after the restart belong to the same experiment. `may_differ` names
     config keys (dotted, e.g. "gan.lr_g") that are allowed to differ: PBT continues a donor's
-    checkpoint under mutated optimiser settings. An optimizer keeps the hyperparameters it was
-    built with (this run's config); its state (moments, step counts) comes from the checkpoint.
+    checkpoint under mutated optimiser settings. Then an optimizer keeps the hyperparameters it
+    was built with (this run's config); its state (moments, step counts) comes from the checkpoint.
     """
     bundle = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     if _without(bundle["config"], may_differ) != _without(config, may_differ):
-        changed = sorted(_diff(_without(bundle["config"], may_differ), _without(config, may_differ)))
+        changed = config_changes(_without(bundle["config"], may_differ), _without(config, may_differ))
         raise ValueError(
             f"checkpoint {directory} was written with a different config (changed: {', '.join(changed)}); "
             "pick another train.run_name, or delete that run's directory under train.storage_path to start over"
@@ -107,8 +107,9 @@ def load_bundle(directory: Path, objects: dict[str, object], *, rank: int, confi
     for name, obj in objects.items():
         built = [{k: v for k, v in group.items() if k != "params"} for group in getattr(obj, "param_groups", [])]
         obj.load_state_dict(bundle["objects"][name])
-        for group, hyper in zip(getattr(obj, "param_groups", []), built):
-            group.update(hyper)
+        if may_differ:  # a plain resume keeps the saved groups (a scheduled lr, were there one)
+            for group, hyper in zip(getattr(obj, "param_groups", []), built):
+                group.update(hyper)
     rng_path = directory / _rng_file(rank)
     if rng_path.exists():  # absent when the world size grew: this rank then keeps its fresh seed
         rng = torch.load(rng_path, weights_only=True)
@@ -154,6 +155,11 @@ def _without(config: dict, keys: tuple[str, ...]) -> dict:
         if isinstance(node, dict):
             node.pop(leaf, None)
     return pruned
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """["key.path: old -> new", ...] between two nested configs."""
+    return sorted(_diff(old, new))
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> Iterator[str]:

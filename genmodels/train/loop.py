@@ -114,17 +114,24 @@ def train_loop_per_worker(config: dict) -> dict:
     loader = ShardLoader(job.shards, "train", rank=rank, world_size=world_size, batch_size_per_worker=params.batch_size_per_worker,
                          num_workers=params.loader_workers, seed=params.seed)
     start_from: StartFrom | None = config.get("start_from")
-    checkpoint = ray.train.get_checkpoint()  # this run's own latest: a restart or a rerun of the same name
-    if checkpoint is None and start_from is not None:
+    gate = config.get("tune_gate")
+
+    def report(metrics: dict, **kwargs) -> None:
+        ray.train.report(metrics, **kwargs)
+        if gate is not None and rank == 0:  # a Tune trial: train on only once Tune has taken this result, which
+            gate.get(block=True)            # may stop or pause the trial here; the other ranks wait in DDP's all-reduce
+
+    own = ray.train.get_checkpoint()  # this run's own latest: a restart or a rerun of the same name
+    if own is None and start_from is not None:
         restored = start_from.load(task.state(), rank=rank, config=job.identity())
         if logger:
             logger.set_tags({f"genmodels.start.{restored['step']}.from": start_from.label,
                              f"genmodels.start.{restored['step']}.weights_sha256": weights_digest(task.state())})
     else:
-        restored = load_latest(checkpoint, task.state(), rank=rank, config=job.identity())
+        restored = load_latest(own, task.state(), rank=rank, config=job.identity())
     step = restored["step"]
     if step >= num_steps and restored["metrics"]:
-        ray.train.report(restored["metrics"])  # a finished run rerun (a sweep restored after it ended) reports its result again
+        report(restored["metrics"])  # a finished run rerun (a sweep restored after it ended) reports its result again
 
     steps_per_epoch, batch = len(loader), params.batch_size_per_worker
     sums, count, window_start, window_step = None, 0, time.perf_counter(), step
@@ -169,9 +176,9 @@ def train_loop_per_worker(config: dict) -> dict:
                 metrics = {"step": step, **reported}
                 with bundle_dir(task.state(), rank=rank, step=step, epoch=epoch, config=job.identity(), run_id=job.run_id,
                                 metrics=metrics) as d:
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"step_{step:08d}")
+                    report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"step_{step:08d}")
             elif evaluate:
-                ray.train.report({"step": step, **reported})  # Tune sees every evaluation, checkpoint or not
+                report({"step": step, **reported})  # Tune sees every evaluation, checkpoint or not
             if step >= num_steps:
                 break
     return {"step": step}

@@ -172,9 +172,11 @@ def _fit(job: TrainJob, resolved: _Resolved, signals: _DriverSignals):
 
 
 def make_trainer(job: TrainJob, *, name: str, storage: str, trainer_class=None, callbacks: list | tuple = (),
-                 start_from: StartFrom | None = None):
+                 start_from: StartFrom | None = None, tune_gate=None):
     """The Ray Train run of `job`, named `name` under `storage` (the same name resumes from its latest
-    checkpoint); `genmodels train` and every Tune trial build theirs here."""
+    checkpoint); `genmodels train` and every Tune trial build theirs here. A trial also passes the
+    checkpoint it starts from and the queue that holds rank 0 after each report until Tune has
+    taken it (`genmodels.tune.trial`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -182,7 +184,7 @@ def make_trainer(job: TrainJob, *, name: str, storage: str, trainer_class=None, 
     resources = {"CPU": tp.cpus_per_worker, **({"GPU": 1} if tp.use_gpu else {})}
     return (trainer_class or TorchTrainer)(
         train_loop_per_worker,
-        train_loop_config={"job": job, "start_from": start_from},
+        train_loop_config={"job": job, "start_from": start_from, "tune_gate": tune_gate},
         scaling_config=ScalingConfig(num_workers=tp.num_workers, use_gpu=tp.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=tp.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tp.num_checkpoints_kept), callbacks=list(callbacks)),

@@ -21,11 +21,13 @@ Outputs: `<out_dir>/<family>_best.yaml`, a params overlay:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
 import signal
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from ray.tune import Callback
 from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 
 from genmodels.cluster import ensure_ray, preflight
-from genmodels.config import Distribution, Params, apply_overrides
+from genmodels.config import Distribution, Params, apply_overrides, check_space
 from genmodels.families import Family, get_family
 from genmodels.tune.trial import Sweep, run_trial
 
@@ -63,14 +65,15 @@ def tune(params: Params, family: str, *, shards: str | Path = "data/shards", out
     if not space:
         raise SweepError(f"tune.space.{family} is empty: nothing to search")
     budget = tp.num_steps or spec.params(params.train).num_steps
-    _check_schedule(params, metric, budget)
+    _check_schedule(params, spec, metric, budget)
     base = params.model_copy(update={"train": apply_overrides(params.train, {f"train.{family}.num_steps": budget})})
     project_dir = Path(project_dir).resolve()
     tracking = resolve_tracking(project_dir)
     resolved = _resolve(base, spec, shards, project_dir, tracking.uri, Path(featurizer_dir))  # fails before Ray starts
-    name = tp.name or _default_name(family, tp, resolved.job, code_digest())
+    key = _sweep_key(family, tp, resolved.job, code_digest())
+    name = tp.name or f"{family}-tune-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}"
     path = f"{resolved.storage.rstrip('/')}/{name}"
-    exists = _experiment_exists(path)
+    exists = ray_tune.Tuner.can_restore(path)
     if resume is None:  # auto
         resume = exists
     if resume and not exists:
@@ -78,9 +81,18 @@ def tune(params: Params, family: str, *, shards: str | Path = "data/shards", out
     if exists and not resume:
         raise SweepError(f"sweep {name!r} already exists at {path}: continue it with --resume, "
                          "or set tune.name (or delete that directory) to start another")
+    key_file = f"{resolved.storage.rstrip('/')}/{name}.trials/sweep.json"
+    if resume:  # Tuner.restore brings back the saved space, search and scheduler: the params must be the same
+        _check_same_sweep(key_file, key, name)
 
     ensure_ray()
     concurrency = _concurrency(base, tp.max_concurrent_trials)
+    if tp.scheduler == "pbt" and not 2 <= tp.num_samples <= concurrency:
+        raise SweepError(f"scheduler pbt runs its population side by side: tune.num_samples ({tp.num_samples}) must be "
+                         f"at least 2 and at most the {concurrency} trial(s) that run at once; lower tune.num_samples or "
+                         "train.num_workers, or add nodes")
+    if not resume:
+        _write(key_file, json.dumps(key, indent=2, sort_keys=True, default=str))
     print(f"tune {family}: sweep {name!r}: {tp.num_samples} trials of {budget} steps, {tp.search} search, {tp.scheduler}, "
           f"{metric} ({mode}); {concurrency} concurrent trial(s) of {base.train.num_workers} worker(s)", flush=True)
 
@@ -96,7 +108,7 @@ def tune(params: Params, family: str, *, shards: str | Path = "data/shards", out
     trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, sweep=sweep), TRIAL_RESOURCES)
     with _DriverSignals() as signals, _tune_sigint_off():
         signals.deferred = True  # Tune stops gracefully (trials stopped, state saved); then we end the runs
-        signals.abort = _stop_tune
+        signals.abort = lambda: _stop_tune(len(signals.received))
         try:
             if resume:
                 tuner = ray_tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -112,6 +124,7 @@ def tune(params: Params, family: str, *, shards: str | Path = "data/shards", out
             if signals.received:
                 raise KeyboardInterrupt
             summary = _finish(spec, sweep, results, Path(out_dir), budget)
+            _close_children(sweep, "FINISHED")  # any the callback could not end (a tracking-store hiccup)
         except BaseException as err:
             killed = bool(signals.received) or isinstance(err, KeyboardInterrupt)
             _close_children(sweep, "KILLED" if killed else "FAILED")
@@ -123,14 +136,21 @@ def tune(params: Params, family: str, *, shards: str | Path = "data/shards", out
     return summary
 
 
-def _check_schedule(params: Params, metric: str, budget: int) -> None:
-    """What the sweep needs from `train`'s schedule, checked before anything runs."""
+def _check_schedule(params: Params, spec: Family, metric: str, budget: int) -> None:
+    """What the sweep needs from `train`'s schedule and the family, checked before anything runs."""
     tr, tp = params.train, params.tune
-    if metric.startswith("eval/") and not tr.eval_every_steps:
-        raise SweepError(f"tune.metric {metric!r} comes from the periodic evaluation: set train.eval_every_steps > 0")
+    reported = (spec.metric, *spec.curve_keys)
+    if metric not in reported:
+        raise SweepError(f"tune.metric {metric!r} is not reported by {spec.name} training (expected one of: {', '.join(reported)})")
+    if not tr.eval_every_steps:
+        raise SweepError("a sweep reports to Tune at the periodic evaluation: set train.eval_every_steps > 0")
     if tp.scheduler == "asha" and tp.grace_period > budget:
         raise SweepError(f"tune.grace_period {tp.grace_period} exceeds the per-trial budget of {budget} steps")
     if tp.scheduler == "pbt":
+        try:
+            check_space(params.train, spec.name, tp.space.get(spec.name, {}), pbt=True)
+        except ValueError as err:
+            raise SweepError(str(err)) from None
         if tr.eval_every_steps % tr.checkpoint_every_steps:
             raise SweepError(f"scheduler pbt: train.eval_every_steps ({tr.eval_every_steps}) must be a multiple of "
                              f"train.checkpoint_every_steps ({tr.checkpoint_every_steps}), so that every result PBT "
@@ -140,17 +160,38 @@ def _check_schedule(params: Params, metric: str, budget: int) -> None:
                              f"train.eval_every_steps ({tr.eval_every_steps})")
 
 
-def _default_name(family: str, tp, job, code: str) -> str:
-    key = json.dumps([tp.model_dump(exclude={"space"}), {k: d.model_dump() for k, d in tp.space.get(family, {}).items()},
-                      job.identity(), job.family_params.num_steps, code], sort_keys=True, default=str)
-    return f"{family}-tune-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+def _sweep_key(family: str, tp, job, code: str) -> dict:
+    """What makes a sweep the same sweep: its tune settings and space, the trials' data, family and
+    params (step budget included), and the code. Its digest names the sweep; a resume checks it."""
+    return {"tune": tp.model_dump(exclude={"space", "name"}),
+            "space": {k: d.model_dump(exclude_none=True) for k, d in tp.space.get(family, {}).items()},
+            "trial": job.identity(), "num_steps": job.family_params.num_steps, "code": code}
 
 
-def _experiment_exists(path: str) -> bool:
+def _check_same_sweep(key_file: str, key: dict, name: str) -> None:
     import pyarrow.fs
 
-    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path if "://" in path else Path(path).as_uri())
-    return filesystem.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
+    from genmodels.train.checkpoint import config_changes
+
+    filesystem, inner = pyarrow.fs.FileSystem.from_uri(key_file if "://" in key_file else Path(key_file).as_uri())
+    try:
+        with filesystem.open_input_stream(inner) as f:
+            saved = json.loads(f.read())
+    except FileNotFoundError:
+        return  # a driver that died before writing it: nothing to compare
+    current = json.loads(json.dumps(key, default=str))
+    if saved != current:
+        raise SweepError(f"sweep {name!r} was started with other settings (changed: {', '.join(config_changes(saved, current))}); "
+                         "resume it with the params it started with, or set tune.name to start another")
+
+
+def _write(uri: str, text: str) -> None:
+    import pyarrow.fs
+
+    filesystem, inner = pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else Path(uri).as_uri())
+    filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(inner) as f:
+        f.write(text.encode())
 
 
 def _concurrency(params: Params, requested: int) -> int:
@@ -189,18 +230,31 @@ def _tune_config(tp, space: dict[str, Distribution], metric: str, mode: str, bud
         sampler = optuna.samplers.TPESampler(seed=tp.seed, n_startup_trials=max(2, tp.num_samples // 4))
         search = OptunaSearch(sampler=sampler)
     else:
-        # Tune applies max_concurrent_trials to a Searcher only: this generator limits itself.
+        # Tune applies max_concurrent_trials to a Searcher only (and warns otherwise): this generator limits itself.
         search = BasicVariantGenerator(random_state=tp.seed, max_concurrent=concurrency)
     if tp.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=budget, grace_period=tp.grace_period, reduction_factor=tp.reduction_factor)
     elif tp.scheduler == "pbt":
+        # A choice mutates to a neighbouring value as a list; a range is perturbed by 0.8 / 1.2 and
+        # clamped back into the space (PBT does not clamp: beta2 0.999 x 1.2 would leave the schema).
+        mutations = {k: (list(d.value) if d.kind == "choice" else _domain(d)) for k, d in space.items()}
+        bounds = {k: (d.kind, d.value) for k, d in space.items() if d.kind in ("uniform", "loguniform", "randint")}
         scheduler = BudgetPBT(budget, time_attr="step", perturbation_interval=tp.perturbation_interval, synch=True,
-                               hyperparam_mutations={k: _domain(d) for k, d in space.items()},
-                               resample_probability=tp.resample_probability)
+                              hyperparam_mutations=mutations, resample_probability=tp.resample_probability,
+                              custom_explore_fn=functools.partial(clamp_to_space, bounds=bounds))
     else:
         scheduler = FIFOScheduler()
-    return ray_tune.TuneConfig(metric=metric, mode=mode, num_samples=tp.num_samples, max_concurrent_trials=concurrency,
+    limiter = concurrency if tp.search == "optuna" else None
+    return ray_tune.TuneConfig(metric=metric, mode=mode, num_samples=tp.num_samples, max_concurrent_trials=limiter,
                                search_alg=search, scheduler=scheduler, reuse_actors=False)
+
+
+def clamp_to_space(config: dict, bounds: dict) -> dict:
+    """PBT's `custom_explore_fn`: a perturbed value back inside its distribution's range."""
+    for key, (kind, (low, high)) in bounds.items():
+        if key in config:
+            config[key] = min(max(int(round(config[key])), low), high - 1) if kind == "randint" else min(max(config[key], low), high)
+    return config
 
 
 class BudgetPBT(PopulationBasedTraining):
@@ -227,10 +281,11 @@ def _parent_params(family: str, tp, space: dict[str, Distribution], metric: str,
         "space": {key: f"{d.kind}{json.dumps(d.value)}" for key, d in space.items()}}}
 
 
-def _stop_tune() -> None:
-    """Ask a running `Tuner.fit()` to stop gracefully through SIGUSR1, its own stop signal; before
-    Tune has installed that handler (SIGUSR1 would kill the process) stop right away."""
-    if callable(signal.getsignal(signal.SIGUSR1)):
+def _stop_tune(signals_received: int) -> None:
+    """The first Ctrl-C / SIGTERM asks a running `Tuner.fit()` to stop gracefully through SIGUSR1,
+    its own stop signal (trials stopped, state saved); a second one, or one before Tune has
+    installed that handler (SIGUSR1 would kill the process), stops at once."""
+    if signals_received == 1 and callable(signal.getsignal(signal.SIGUSR1)):
         signal.raise_signal(signal.SIGUSR1)
     else:
         raise KeyboardInterrupt
@@ -242,6 +297,7 @@ class _tune_sigint_off:
 
     def __enter__(self):
         self._previous = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        self._usr1 = signal.getsignal(signal.SIGUSR1)
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
 
     def __exit__(self, *exc):
@@ -249,6 +305,7 @@ class _tune_sigint_off:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._previous
+        signal.signal(signal.SIGUSR1, self._usr1)  # Tune leaves its handler installed: a later sweep's early Ctrl-C would go to it
 
 
 class ChildRuns(Callback):
@@ -263,11 +320,14 @@ class ChildRuns(Callback):
     def _finish(self, trial, status: str, tags: dict[str, str]) -> None:
         from genmodels.tracking import RunLogger, find_run, finish_run
 
-        run_id = find_run(self.sweep.tracking_uri, self.sweep.experiment, self.sweep.child_key(trial.trial_id))
-        if run_id is None:  # never started
-            return
-        RunLogger(self.sweep.tracking_uri, run_id).set_tags({"tune.status": status, **tags})
-        finish_run(self.sweep.tracking_uri, run_id, status)
+        try:
+            run_id = find_run(self.sweep.tracking_uri, self.sweep.experiment, self.sweep.child_key(trial.trial_id))
+            if run_id is None:  # never started
+                return
+            RunLogger(self.sweep.tracking_uri, run_id).set_tags({"tune.status": status, **tags})
+            finish_run(self.sweep.tracking_uri, run_id, status)
+        except Exception as err:  # noqa: BLE001 - the tracking store must not stop the sweep; the driver closes leftovers
+            warnings.warn(f"tune: could not end the MLflow run of trial {trial.trial_id}: {err}", stacklevel=1)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         step = int((trial.last_result or {}).get("step", 0))

@@ -58,6 +58,9 @@ def plot(rows, metric: str, best_id: str, path: Path) -> None:
         best = row.trial_id == best_id
         ax.plot(steps, values, marker="o", markersize=3, linewidth=2.5 if best else 1.0, alpha=1.0 if best else 0.7,
                 label=f"{row.trial_id}{' (best)' if best else ''}{' stopped' if row.status == 'STOPPED' else ''}")
+    values = [v for row in rows for _, v in row.history]
+    if values and min(values) > 0 and max(values) > 10 * min(values):
+        ax.set_yscale("log")  # a diverged trial's FID would flatten every other curve
     ax.set_xlabel("training step")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)

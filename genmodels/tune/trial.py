@@ -1,17 +1,21 @@
 """One Tune trial is one Ray Train run, built by a Tune function trainable (the Ray 2.60 Train V2 pattern).
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"CPU": 0})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), TRIAL_RESOURCES)
 
-The trial function needs no CPU of its own: the Train workers hold the trial's resources (a
-trial asking for a CPU next to two 1-CPU workers would never be placed on a 2-CPU machine).
+The trial function holds no CPU (`genmodels.tune.TRIAL_RESOURCES`): the Train workers hold the
+trial's resources (a trial asking for a CPU next to two 1-CPU workers would never be placed on a
+2-CPU machine).
 
 Why not the stock `TuneReportCallback`: it forwards metrics only (a checkpoint becomes a
-`checkpoint_path` metric), so Tune holds no checkpoint and PBT can never exploit, and it
-forwards reports that lack the sweep's metric, which Tune rejects. `ReportToTune` does the same
-job (a `UserCallback` in the Train controller) but hands each report, with its Train checkpoint,
-through a queue to the trial function, which reports it to Tune itself while `fit()` runs in a
-thread: under PBT with a copy of the Train checkpoint (plus `source.json`, where it came from),
-which then lives as long as Tune keeps it, whatever the donor's own run deletes.
+`checkpoint_path` metric), so Tune holds no checkpoint and PBT can never exploit; it forwards
+reports that lack the sweep's metric, which Tune rejects; and the workers train on while Tune
+decides, so a trial that Tune stops or pauses has already trained (and logged) past the result
+the decision was about. `ReportToTune` does the same job (a `UserCallback` in the Train
+controller) but hands every report, with its checkpoint, through a queue to the trial function,
+which reports it to Tune itself while `fit()` runs in a thread (under PBT with a copy of the
+Train checkpoint plus `source.json`, where it came from, which then lives as long as Tune keeps
+it) and only then lets rank 0 go on (`tune_gate`). A trial is thus always stopped or paused
+exactly at the step Tune saw.
 
 Names are deterministic, so a restored sweep finds everything again: the MLflow child run by
 its run key `<sweep run key>/<trial id>`, the Train run `<sweep>-<trial id>` (a rerun resumes
@@ -73,15 +77,14 @@ class Sweep:
 
 
 class ReportToTune(UserCallback):
-    """In the Train controller: every report that carries the sweep's metric, with its checkpoint,
-    into the trial function's queue (blocking, as `TuneReportCallback` does)."""
+    """In the Train controller: every report, with its checkpoint, into the trial function's queue;
+    `for_tune` when it carries the sweep's metric (the others are only acknowledged)."""
 
     def __init__(self, queue, metric: str):
         self.queue, self.metric = queue, metric
 
     def after_report(self, run_context, metrics, checkpoint):
-        if self.metric in metrics[0]:
-            self.queue.put({"metrics": dict(metrics[0]), "checkpoint": checkpoint}, block=True)
+        self.queue.put({"metrics": dict(metrics[0]), "checkpoint": checkpoint, "for_tune": self.metric in metrics[0]}, block=True)
 
 
 def run_trial(config: dict, sweep: Sweep) -> None:
@@ -137,16 +140,18 @@ def _start(sweep: Sweep, trial_id: str, run_id: str, values: dict) -> tuple[str,
 
 def _fit_and_forward(sweep: Sweep, job: TrainJob, name: str, trial_id: str, start_from: StartFrom | None) -> None:
     """Run the Train run in a thread and report what it reports to Tune from this one. When Tune
-    stops the trial (ASHA, PBT), `ray.tune.report` ends this thread and Tune ends the actor, and
-    with it the Train controller it owns, its workers and their placement group."""
+    stops the trial (ASHA, PBT), `ray.tune.report` ends this thread, rank 0 is still waiting at
+    the gate, and Tune ends the actor, and with it the Train controller it owns, its workers and
+    their placement group."""
     import ray.tune
     from ray.util.queue import Empty, Queue
 
     from genmodels.train.run import make_trainer, worker_error
 
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    gate = Queue(maxsize=1, actor_options={"num_cpus": 0})
     trainer = make_trainer(job, name=name, storage=sweep.trials_storage, callbacks=[ReportToTune(queue, sweep.metric)],
-                           start_from=start_from)
+                           start_from=start_from, tune_gate=gate)
     outcome: dict = {}
 
     def fit() -> None:
@@ -164,8 +169,11 @@ def _fit_and_forward(sweep: Sweep, job: TrainJob, name: str, trial_id: str, star
             if thread.is_alive() or not queue.empty():
                 continue
             break  # the controller has returned: every report is in
-        _report(sweep, item, name, trial_id, ray.tune)
+        if item["for_tune"]:
+            _report(sweep, item, name, trial_id, ray.tune)  # Tune may end this thread here (ASHA stop, PBT pause)
+        gate.put(True)  # rank 0 trains on
     queue.shutdown()
+    gate.shutdown()
     if "error" in outcome:
         raise TrialError(f"trial {trial_id} (Train run {name!r}) failed: {worker_error(outcome['error'])}")
 

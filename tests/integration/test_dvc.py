@@ -62,7 +62,7 @@ def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
     assert "Running stage" not in again and "didn't change" in again
     assert (project_copy / "dvc.lock").read_text() == lock
     assert "up to date" in _run(project_copy, "dvc", "status")
-    assert "tune" not in out  # plain `dvc repro` never starts a sweep
+    assert "Running stage 'tune" not in out  # plain `dvc repro` never starts a sweep
 
     swept = _run(project_copy, "dvc", "repro", "tune/dvc.yaml:tune@vae")
     assert "Running stage 'tune/dvc.yaml:tune@vae'" in swept and "Running stage 'train" not in swept

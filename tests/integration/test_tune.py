@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -90,6 +89,11 @@ def test_asha_sweep_stops_trials_early_logs_parent_and_children_and_writes_a_usa
     assert {"trials.csv", "metric_vs_step.png", "gan_best.yaml"} <= artifacts
     stopped = [c for c in children if c.data.tags["tune.stopped_early"] == "true"]
     assert len(stopped) == summary["stopped_early"]
+    for child in stopped:  # stopped at the step ASHA judged: nothing trained or logged after it
+        last = int(child.data.tags["tune.last_step"])
+        assert _steps(mlflow_url, child.info.run_id, "train/loss_d")[-1] == last
+        run_dir = project / "ray_results" / f"{summary['sweep']}.trials" / child.data.tags["ray.run_name"]
+        assert max(int(p.name.removeprefix("step_")) for p in run_dir.glob("step_*")) == last
     for child in children:  # each child logs what a training run logs, no step twice
         steps = _steps(mlflow_url, child.info.run_id)
         assert steps == sorted(set(steps)) and steps[0] == 4, steps
@@ -113,12 +117,14 @@ def test_asha_sweep_stops_trials_early_logs_parent_and_children_and_writes_a_usa
 
 
 def test_optuna_sweep_proposes_from_its_sampler(ray_runtime, project, mnist_shards, mlflow_url):
-    params = _params(search="optuna", scheduler="fifo", num_steps=8, name="gan-optuna")
+    # One trial at a time: TPE's start-up phase is max(2, num_samples // 4) = 2 trials, so the third
+    # is proposed from the model of two finished ones.
+    params = _params(search="optuna", scheduler="fifo", num_steps=8, num_samples=3, max_concurrent_trials=1, name="gan-optuna")
     summary = tune(params, "gan", shards=mnist_shards, out_dir=project / "tune", project_dir=project,
                    featurizer_dir=project / "models" / "featurizer")
     _, children = _runs(mlflow_url, summary["sweep"])
     configs = [tuple(json.loads(c.data.tags[f"tune.config.{k}"]) for k in ("train.gan.lr_g", "train.gan.lr_d")) for c in children]
-    assert len(set(configs)) == 4
+    assert len(set(configs)) == 3
     # The proposals are the Optuna study's own: Tune saved the searcher's state with the sweep.
     from ray.tune.search.optuna import OptunaSearch
 
@@ -127,7 +133,14 @@ def test_optuna_sweep_proposes_from_its_sampler(ray_runtime, project, mnist_shar
     study = searcher._ot_study  # the optuna.Study the searcher drew from (no public accessor)
     proposed = {(t.params["train.gan.lr_g"], t.params["train.gan.lr_d"]) for t in study.trials}
     assert proposed == set(configs)
-    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 4  # results went back into the TPE model
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3  # results went back into the TPE model
+
+    # The same sweep is not started twice by accident, nor resumed with other settings.
+    with pytest.raises(SweepError, match="sweep 'gan-optuna' already exists at .*: continue it with --resume"):
+        tune(params, "gan", shards=mnist_shards, out_dir=project / "tune", project_dir=project)
+    changed = _params(search="optuna", scheduler="fifo", num_steps=8, num_samples=4, max_concurrent_trials=1, name="gan-optuna")
+    with pytest.raises(SweepError, match=r"was started with other settings \(changed: tune.num_samples: 3 -> 4\)"):
+        tune(changed, "gan", shards=mnist_shards, out_dir=project / "tune", project_dir=project, resume=True)
 
 
 def test_pbt_exploit_starts_from_the_donors_checkpoint(ray_runtime, project, mnist_shards, mlflow_url):
@@ -152,7 +165,11 @@ def test_pbt_exploit_starts_from_the_donors_checkpoint(ray_runtime, project, mni
         mutated = json.loads(tags[f"tune.exploit.{step}.config"])
         assert set(mutated) == {"train.gan.lr_g", "train.gan.lr_d"}
         steps = _steps(mlflow_url, child.info.run_id, "train/loss_d")
-        assert steps == sorted(set(steps)) and steps[-1] == 16  # synchronous PBT: no step logged twice
+        assert steps == [4, 8, 12, 16]  # synchronous PBT: no step logged twice, none missing
+        # The trial stopped exactly at the exploit: its own run trained nothing past that step, so
+        # every point after it in the child's curves comes from the donor's weights.
+        own = project / "ray_results" / "gan-pbt.trials" / f"gan-pbt-{tags['tune.trial_id']}"
+        assert max(int(p.name.removeprefix("step_")) for p in own.glob("step_*")) == int(step)
         print(f"PBT exploit at step {step}: trial {tags['tune.trial_id']} took {donor}'s weights ({loaded[:12]}), now {mutated}")
 
 
@@ -230,9 +247,6 @@ def test_a_trial_larger_than_the_cluster_fails_in_seconds(ray_runtime, project, 
     assert time.monotonic() - started < 60
 
 
-def test_an_existing_sweep_is_not_restarted_by_accident(ray_runtime, project, mnist_shards):
-    (project / "ray_results" / "gan-again").mkdir(parents=True)
-    with pytest.raises(SweepError, match="already exists.*--resume"):
-        tune(_params(name="gan-again"), "gan", shards=mnist_shards, out_dir=project / "tune", project_dir=project)
+def test_resuming_a_sweep_that_does_not_exist_is_refused(ray_runtime, project, mnist_shards):
     with pytest.raises(SweepError, match="no sweep 'gan-missing' to resume"):
         tune(_params(name="gan-missing"), "gan", shards=mnist_shards, project_dir=project, resume=True)
