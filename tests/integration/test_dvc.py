@@ -61,7 +61,7 @@ def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
     again = _run(project_copy, "dvc", "repro")
     assert "Running stage" not in again and "didn't change" in again
     assert (project_copy / "dvc.lock").read_text() == lock
-    assert "up to date" in _run(project_copy, "dvc", "status")
+    assert "up to date" in _run(project_copy, "dvc", "status", "dvc.yaml")
     assert "Running stage 'tune" not in out  # plain `dvc repro` never starts a sweep
 
     swept = _run(project_copy, "dvc", "repro", "tune/dvc.yaml:tune@vae")
@@ -71,7 +71,7 @@ def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
     assert "up to date" in _run(project_copy, "dvc", "status", "tune/dvc.yaml:tune@vae")
 
     _failed_stages_keep_their_outputs(project_copy)
-    assert "up to date" in _run(project_copy, "dvc", "status")  # every output is still the one dvc.lock records
+    assert "up to date" in _run(project_copy, "dvc", "status", "dvc.yaml")  # every output is still the one dvc.lock records
 
     _run(project_copy, "git", "add", "-A")
     _run(project_copy, "git", "commit", "-q", "-m", "baseline")
