@@ -27,29 +27,35 @@ STATE_FILE = "state.pt"
 
 @dataclass(frozen=True)
 class StartFrom:
-    """Another run's checkpoint that a new run starts from (PBT: the donor's), handed to the
-    workers by value through Ray's object store, so that no worker opens a path on the driver's
-    disk. Without the RNG files: the new run keeps its own noise streams."""
+    """A checkpoint that a new run starts from (PBT: a paused trial's own, or the donor's on an
+    exploit), handed to the workers by value through Ray's object store, so that no worker opens
+    a path on the driver's disk."""
 
     files: dict[str, bytes]
     may_differ: tuple[str, ...]
     """Config keys (dotted, as in `load_bundle`) the new run may have changed."""
     label: str
     """Where it comes from, for people (recorded as an MLflow tag)."""
+    reseed: int | None = None
+    """None: continue the checkpoint's noise streams (its RNG files). Else drop them and seed
+    rank r with reseed + r: an exploiting trial must not replay its donor's noise."""
 
     @classmethod
-    def from_directory(cls, directory: Path, *, may_differ: tuple[str, ...], label: str) -> "StartFrom":
-        files = {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir())
-                 if p.name == STATE_FILE or p.name.startswith("weights_rank")}
+    def from_directory(cls, directory: Path, *, may_differ: tuple[str, ...], label: str, reseed: int | None = None) -> "StartFrom":
+        keep = (STATE_FILE, "weights_rank") if reseed is not None else (STATE_FILE, "weights_rank", "rng_rank")
+        files = {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir()) if p.name.startswith(keep)}
         if STATE_FILE not in files:
             raise FileNotFoundError(f"{directory}: no {STATE_FILE} (not a genmodels checkpoint)")
-        return cls(files=files, may_differ=may_differ, label=label)
+        return cls(files=files, may_differ=may_differ, label=label, reseed=reseed)
 
     def load(self, objects: dict[str, object], *, rank: int, config: dict) -> dict:
         with tempfile.TemporaryDirectory(prefix="genmodels-start-") as tmp:
             for name, data in self.files.items():
                 (Path(tmp) / name).write_bytes(data)
-            return load_bundle(Path(tmp), objects, rank=rank, config=config, may_differ=self.may_differ)
+            restored = load_bundle(Path(tmp), objects, rank=rank, config=config, may_differ=self.may_differ)
+        if self.reseed is not None:
+            torch.manual_seed(self.reseed + rank)
+        return restored
 
 
 def _rng_file(rank: int) -> str:

@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from genmodels.train.chaos import Chaos
 from genmodels.train.checkpoint import StartFrom, bundle_dir, load_latest, weights_digest
 from genmodels.train.ddp import Precision
 
+TUNE_GATE_KEY = "genmodels/gate"  # a Tune trial's report token (genmodels.tune.trial takes it out before Tune sees the result)
 PROGRESS_METRIC = "train/epoch"  # logged at every log step: its last step tells a restart what MLflow already has
 # Keys that change how a run is operated, not what it computes: a resumed run may change them
 # (num_steps included: raising it extends a finished run from its last checkpoint).
@@ -116,10 +118,16 @@ def train_loop_per_worker(config: dict) -> dict:
     start_from: StartFrom | None = config.get("start_from")
     gate = config.get("tune_gate")
 
+    attempt, reports = uuid.uuid4().hex, itertools.count()
+
     def report(metrics: dict, **kwargs) -> None:
-        ray.train.report(metrics, **kwargs)
-        if gate is not None and rank == 0:  # a Tune trial: train on only once Tune has taken this result, which
-            gate.get(block=True)            # may stop or pause the trial here; the other ranks wait in DDP's all-reduce
+        """`ray.train.report`; in a Tune trial rank 0 then waits until Tune has taken this very result
+        (it may stop or pause the trial there; the other ranks wait in DDP's all-reduce). Tokens
+        tell it from the acknowledgement of a report made before a worker-group restart."""
+        token = f"{attempt}:{next(reports)}"
+        ray.train.report({**metrics, TUNE_GATE_KEY: token} if gate is not None else metrics, **kwargs)
+        while gate is not None and rank == 0 and gate.get(block=True) != token:
+            pass
 
     own = ray.train.get_checkpoint()  # this run's own latest: a restart or a rerun of the same name
     if own is None and start_from is not None:

@@ -77,7 +77,9 @@ def tune(params: Params, family: str, *, shards: str | Path = "data/shards", out
     if resume is None:  # auto
         resume = exists
     if resume and not exists:
-        raise SweepError(f"no sweep {name!r} to resume at {path}")
+        raise SweepError(f"no sweep {name!r} to resume at {path}" + ("" if tp.name else
+                         " (the default name hashes the data, the params and the genmodels code: set tune.name "
+                         "to a sweep's name to resume it after a change)"))
     if exists and not resume:
         raise SweepError(f"sweep {name!r} already exists at {path}: continue it with --resume, "
                          "or set tune.name (or delete that directory) to start another")
@@ -125,6 +127,8 @@ def tune(params: Params, family: str, *, shards: str | Path = "data/shards", out
                 raise KeyboardInterrupt
             summary = _finish(spec, sweep, results, Path(out_dir), budget)
             _close_children(sweep, "FINISHED")  # any the callback could not end (a tracking-store hiccup)
+            if signals.received:
+                raise KeyboardInterrupt
         except BaseException as err:
             killed = bool(signals.received) or isinstance(err, KeyboardInterrupt)
             _close_children(sweep, "KILLED" if killed else "FAILED")
@@ -180,6 +184,7 @@ def _check_same_sweep(key_file: str, key: dict, name: str) -> None:
     except FileNotFoundError:
         return  # a driver that died before writing it: nothing to compare
     current = json.loads(json.dumps(key, default=str))
+    saved.pop("code", None), current.pop("code", None)  # a fixed bug does not make it another sweep (as for train)
     if saved != current:
         raise SweepError(f"sweep {name!r} was started with other settings (changed: {', '.join(config_changes(saved, current))}); "
                          "resume it with the params it started with, or set tune.name to start another")
@@ -258,8 +263,9 @@ def clamp_to_space(config: dict, bounds: dict) -> dict:
 
 
 class BudgetPBT(PopulationBasedTraining):
-    """Synchronous PBT that leaves a trial's last result (at the step budget) alone: an exploit
-    there would only copy another trial's finished model and train nothing."""
+    """Synchronous PBT that leaves a trial's last result (at the step budget) alone (an exploit
+    there would only copy another trial's finished model and train nothing) and that a restored
+    sweep can continue."""
 
     def __init__(self, budget: int, **kwargs):
         super().__init__(**kwargs)
@@ -269,6 +275,21 @@ class BudgetPBT(PopulationBasedTraining):
         if result.get("step", 0) >= self.budget:
             return TrialScheduler.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)
+
+    def on_trial_add(self, tune_controller, trial):
+        """A trial of a restored sweep comes back at its last step, but Tune does not save its
+        scheduler: PBT would count from step 0 and, its next sync point no longer ahead of the
+        paused trials, never resume them (a hang). Take the step from the trial's last result."""
+        super().on_trial_add(tune_controller, trial)
+        step = int((trial.last_result or {}).get("step", 0))
+        if step:
+            state = self._trial_state[trial]
+            state.last_train_time = state.last_perturbation_time = step
+            state.last_score = (trial.last_result or {}).get(self._metric)
+            if state.last_score is not None:
+                state.last_score *= self._metric_op
+            interval = self._perturbation_interval
+            self._next_perturbation_sync = max(self._next_perturbation_sync, (step // interval + 1) * interval)
 
 
 def _parent_params(family: str, tp, space: dict[str, Distribution], metric: str, mode: str, budget: int, concurrency: int) -> dict:

@@ -25,6 +25,7 @@ paused trial continued) `<sweep>-<trial id>-from-<source trial id>-<step>`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import threading
@@ -35,7 +36,7 @@ from ray.train import UserCallback
 
 from genmodels.config import apply_overrides
 from genmodels.train.checkpoint import StartFrom
-from genmodels.train.loop import TrainJob
+from genmodels.train.loop import TUNE_GATE_KEY, TrainJob
 
 SOURCE_FILE = "source.json"
 
@@ -126,10 +127,12 @@ def _start(sweep: Sweep, trial_id: str, run_id: str, values: dict) -> tuple[str,
     with checkpoint.as_directory() as directory:
         source = json.loads((Path(directory) / SOURCE_FILE).read_text())
         mutable = tuple(key.removeprefix("train.") for key in sweep.keys)  # train.gan.lr_g -> gan.lr_g (identity keys)
-        start_from = StartFrom.from_directory(Path(directory), may_differ=mutable,
+        exploit = source["trial_id"] != trial_id  # else a paused trial continues its own noise streams
+        reseed = int(hashlib.sha256(f"{trial_id}:{source['step']}".encode()).hexdigest()[:8], 16) if exploit else None
+        start_from = StartFrom.from_directory(Path(directory), may_differ=mutable, reseed=reseed,
                                               label=f"trial {source['trial_id']} step {source['step']} (Train run {source['run_name']})")
     step = source["step"]
-    if source["trial_id"] != trial_id:  # PBT exploit: MLflow params are immutable, so the change goes into tags
+    if exploit:  # MLflow params are immutable, so the change goes into tags
         from genmodels.tracking import RunLogger
 
         RunLogger(sweep.tracking_uri, run_id).set_tags({
@@ -169,9 +172,10 @@ def _fit_and_forward(sweep: Sweep, job: TrainJob, name: str, trial_id: str, star
             if thread.is_alive() or not queue.empty():
                 continue
             break  # the controller has returned: every report is in
+        token = item["metrics"].pop(TUNE_GATE_KEY)
         if item["for_tune"]:
             _report(sweep, item, name, trial_id, ray.tune)  # Tune may end this thread here (ASHA stop, PBT pause)
-        gate.put(True)  # rank 0 trains on
+        gate.put(token)  # rank 0 trains on
     queue.shutdown()
     gate.shutdown()
     if "error" in outcome:
@@ -185,8 +189,6 @@ def _report(sweep: Sweep, item: dict, name: str, trial_id: str, tune) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="genmodels-tune-ckpt-") as tmp:
         checkpoint.to_directory(tmp)
-        for rng in Path(tmp).glob("rng_rank*.pt"):
-            rng.unlink()  # a run started from here keeps its own noise streams
         source = {"trial_id": trial_id, "run_name": name, "step": metrics["step"]}
         (Path(tmp) / SOURCE_FILE).write_text(json.dumps(source))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))

@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+import ray
 import yaml
 from mlflow import MlflowClient
 
@@ -173,13 +174,22 @@ def test_pbt_exploit_starts_from_the_donors_checkpoint(ray_runtime, project, mni
         print(f"PBT exploit at step {step}: trial {tags['tune.trial_id']} took {donor}'s weights ({loaded[:12]}), now {mutated}")
 
 
+@pytest.fixture
+def driver_env(ray_runtime, monkeypatch):
+    """`genmodels tune` subprocesses join the test's Ray, as a driver joins a cluster. A second local
+    Ray on the host would break Train's placement-group cleaner (it connects with address="auto"
+    and refuses to pick between two instances), so a trial stopped by PBT would never release its
+    CPUs."""
+    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
 def _child_statuses(url, sweep_name):
     _, children = _runs(url, sweep_name)
     return {c.data.tags["tune.trial_id"]: c.info.status for c in children}
 
 
-def test_a_killed_driver_resumes_without_rerunning_finished_trials(project, mnist_shards, mlflow_url):
-    """A real `genmodels tune` process with its own Ray, SIGKILLed after a trial finished, then `--resume`."""
+def test_a_killed_driver_resumes_without_rerunning_finished_trials(driver_env, project, mnist_shards, mlflow_url):
+    """A real `genmodels tune` process, SIGKILLed after a trial finished, then `--resume`."""
     name = "gan-killed"
     (project / "params.yaml").write_text(yaml.safe_dump({
         "train": {**TRIAL, "gan": {**TRIAL["gan"], "num_steps": 12}},
@@ -194,7 +204,7 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(project, mnis
             assert time.monotonic() < deadline, "no trial finished"
             time.sleep(0.5)  # polling the tracking server for a condition, not waiting out a race
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
+        os.killpg(process.pid, signal.SIGKILL)  # the driver: Ray ends its job's trials and Train runs
         process.communicate()
     killed_at = time.time()
     finished = {t for t, status in _child_statuses(mlflow_url, name).items() if status == "FINISHED"}
@@ -214,7 +224,34 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(project, mnis
     assert (project / "tune" / "gan_best.yaml").is_file()
 
 
-def test_ctrl_c_stops_the_sweep_and_leaves_no_run_running(project, mnist_shards, mlflow_url):
+def test_a_killed_pbt_sweep_resumes_where_it_stopped(driver_env, project, mnist_shards, mlflow_url):
+    """Tune does not save PBT's state: a restored sweep must not wait for a sync point behind it."""
+    name = "gan-pbt-killed"
+    (project / "params.yaml").write_text(yaml.safe_dump({
+        "train": {**TRIAL, "gan": {**TRIAL["gan"], "num_steps": 16}},
+        "tune": {"name": name, "num_samples": 2, "scheduler": "pbt", "perturbation_interval": 4, "space": SPACE}}))
+    command = [sys.executable, "-m", "genmodels.cli", "tune", "gan", "--shards", str(mnist_shards)]
+    process = subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(_steps(mlflow_url, c.info.run_id, "train/loss_d")[-1:] >= [8] for c in _runs(mlflow_url, name)[1]):
+            assert process.poll() is None, process.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "no trial reached step 8"
+            time.sleep(0.5)  # polling the tracking server for a condition, not waiting out a race
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+    done = subprocess.run([*command, "--resume"], cwd=project, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    parents, children = _runs(mlflow_url, name)
+    assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 2
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert _steps(mlflow_url, child.info.run_id, "train/loss_d") == [4, 8, 12, 16]
+
+
+def test_ctrl_c_stops_the_sweep_and_leaves_no_run_running(driver_env, project, mnist_shards, mlflow_url):
     name = "gan-interrupted"
     (project / "params.yaml").write_text(yaml.safe_dump({
         "train": {**TRIAL, "gan": {**TRIAL["gan"], "num_steps": 100_000}},

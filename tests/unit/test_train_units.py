@@ -80,8 +80,9 @@ def test_a_start_from_bundle_may_differ_in_named_keys_only_and_keeps_the_new_opt
     opt.step()
     donor = {"gan": {"lr_g": 1e-3, "width": 8}, "data": "x"}
     with bundle_dir({"model": model, "opt": opt}, rank=0, step=8, epoch=0, config=donor, run_id="r", metrics={"eval/fid": 3.0}) as d:
-        start = StartFrom.from_directory(d, may_differ=("gan.lr_g",), label="trial a step 8")
-    assert not any(name.startswith("rng") for name in start.files)  # the new run keeps its own noise
+        start = StartFrom.from_directory(d, may_differ=("gan.lr_g",), label="trial a step 8", reseed=123)
+        assert any(name.startswith("rng") for name in StartFrom.from_directory(d, may_differ=(), label="own").files)
+    assert not any(name.startswith("rng") for name in start.files)  # an exploit does not replay the donor's noise
     fresh = torch.nn.Linear(3, 2)
     fresh_opt = torch.optim.Adam(fresh.parameters(), lr=5e-4)
     mutated = {"gan": {"lr_g": 5e-4, "width": 8}, "data": "x"}
@@ -90,6 +91,9 @@ def test_a_start_from_bundle_may_differ_in_named_keys_only_and_keeps_the_new_opt
     assert weights_digest({"model": fresh}) == weights_digest({"model": model})
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert fresh_opt.param_groups[0]["lr"] == 5e-4  # not the donor's 1e-3
+    drawn = torch.rand(2)  # rank 0 reseeded with reseed + rank
+    torch.manual_seed(123)
+    assert torch.equal(drawn, torch.rand(2))
     with pytest.raises(ValueError, match=r"changed: gan.width: 8 -> 16"):
         start.load({"model": fresh, "opt": fresh_opt}, rank=0, config={"gan": {"lr_g": 5e-4, "width": 16}, "data": "x"})
 
