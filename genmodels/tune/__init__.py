@@ -76,6 +76,11 @@ def tune(params: Params, family: str, *, shards: str | Path = "data/shards", out
     exists = ray_tune.Tuner.can_restore(path)
     if resume is None:  # auto
         resume = exists
+    if resume and tp.scheduler == "pbt":
+        # Tune 2.60 does not save its scheduler: a restored synchronous PBT restarts its timers from
+        # step 0, and its next sync point can fall behind the paused trials, which then wait for ever.
+        raise SweepError(f"a PBT sweep cannot be resumed (Ray Tune does not restore PBT's state; seen to hang): "
+                         f"start it again under another tune.name, or delete {path}")
     if resume and not exists:
         raise SweepError(f"no sweep {name!r} to resume at {path}" + ("" if tp.name else
                          " (the default name hashes the data, the params and the genmodels code: set tune.name "
@@ -263,9 +268,8 @@ def clamp_to_space(config: dict, bounds: dict) -> dict:
 
 
 class BudgetPBT(PopulationBasedTraining):
-    """Synchronous PBT that leaves a trial's last result (at the step budget) alone (an exploit
-    there would only copy another trial's finished model and train nothing) and that a restored
-    sweep can continue."""
+    """Synchronous PBT that leaves a trial's last result (at the step budget) alone: an exploit
+    there would only copy another trial's finished model and train nothing."""
 
     def __init__(self, budget: int, **kwargs):
         super().__init__(**kwargs)
@@ -275,21 +279,6 @@ class BudgetPBT(PopulationBasedTraining):
         if result.get("step", 0) >= self.budget:
             return TrialScheduler.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)
-
-    def on_trial_add(self, tune_controller, trial):
-        """A trial of a restored sweep comes back at its last step, but Tune does not save its
-        scheduler: PBT would count from step 0 and, its next sync point no longer ahead of the
-        paused trials, never resume them (a hang). Take the step from the trial's last result."""
-        super().on_trial_add(tune_controller, trial)
-        step = int((trial.last_result or {}).get("step", 0))
-        if step:
-            state = self._trial_state[trial]
-            state.last_train_time = state.last_perturbation_time = step
-            state.last_score = (trial.last_result or {}).get(self._metric)
-            if state.last_score is not None:
-                state.last_score *= self._metric_op
-            interval = self._perturbation_interval
-            self._next_perturbation_sync = max(self._next_perturbation_sync, (step // interval + 1) * interval)
 
 
 def _parent_params(family: str, tp, space: dict[str, Distribution], metric: str, mode: str, budget: int, concurrency: int) -> dict:
