@@ -347,11 +347,7 @@ def apply_overrides(train: "TrainParams", values: dict[str, Any]) -> "TrainParam
     """`train` with dotted `train.*` keys replaced, validated again as a whole."""
     raw = train.model_dump()
     for key, value in values.items():
-        *parents, leaf = key.split(".")[1:]
-        node = raw
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        set_dotted(raw, key.removeprefix("train."), value)
     try:
         return TrainParams.model_validate(raw)
     except ValidationError as err:
@@ -403,13 +399,21 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE")
+    try:
+        set_dotted(raw, key, yaml.safe_load(text))
+    except TypeError as err:
+        raise ConfigError(f"override {item!r}: {err}") from None
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """tree["a"]["b"] = value for key "a.b", creating missing sections."""
     *parents, leaf = key.split(".")
-    node = raw
+    node = tree
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(text)
+            raise TypeError(f"{part} is not a section")
+    node[leaf] = value
 
 
 def _describe_error(error: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from genmodels.config import set_dotted
 from genmodels.files import write_text
 
 
@@ -19,11 +20,7 @@ def overlay(values: dict) -> dict:
     """{"train.gan.lr_g": 1e-4} -> {"train": {"gan": {"lr_g": 1e-4}}}: a params file fragment."""
     nested: dict = {}
     for key, value in values.items():
-        *parents, leaf = key.split(".")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_dotted(nested, key, value)
     return nested
 
 
