@@ -5,6 +5,9 @@
     genmodels train gan|vae [--params params.yaml] [--set train.num_workers=4] [--overlay tune/gan_best.yaml]
     genmodels tune gan|vae [--resume]          # Ray Tune sweep -> tune/<family>_best.yaml
     genmodels evaluate gan|vae
+    genmodels register gan|vae                 # MLflow model version + alias candidate (champion if none)
+    genmodels promote gan|vae [--version N] [--margin X] [--dry-run] [--rollback]
+    genmodels sample models:/genmodels-gan@champion -n 64 -o grid.png
 """
 
 from __future__ import annotations
@@ -76,6 +79,35 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"evaluate {args.family}: {shown}")
 
 
+def _register(args: argparse.Namespace) -> None:
+    from genmodels.families import get_family
+    from genmodels.stages.register import register
+
+    get_family(args.family)
+    register(_params(args), args.family, models_dir=args.models, metrics_dir=args.metrics)
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from genmodels.stages.promote import promote, rollback
+
+    params = _params(args)
+    if args.rollback:
+        if args.version is not None:
+            raise ValueError("--rollback goes back along the audit trail: it takes no --version")
+        decision = rollback(params, args.family, dry_run=args.dry_run)
+    else:
+        decision = promote(params, args.family, version=args.version, margin=args.margin, dry_run=args.dry_run)
+    print(f"promote {args.family}: {decision.message}")
+    return 1 if decision.action == "kept" else 0
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from genmodels.stages.promote import sample
+
+    out = sample(args.model_uri, num_images=args.num_images, out=args.out, seed=args.seed, truncation=args.truncation)
+    print(f"sample: {args.num_images} images of {args.model_uri} -> {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genmodels", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -108,7 +140,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--featurizer", default="models/featurizer")
     evaluate.add_argument("--metrics", default="metrics")
     evaluate.set_defaults(run=_evaluate)
-    for sub in (prepare, featurizer, train, tune, evaluate):
+    register = commands.add_parser("register", help="log models/<family> as an MLflow pyfunc model, new registered "
+                                   "version with alias candidate (and champion when there is none)")
+    register.add_argument("family", help=FAMILY_HELP)
+    register.add_argument("--models", default="models")
+    register.add_argument("--metrics", default="metrics", help="where eval_<family>.json is")
+    register.set_defaults(run=_register)
+    promote = commands.add_parser("promote", help="move alias champion to the candidate if it beats the champion "
+                                  "(exit 1 when kept)")
+    promote.add_argument("family", help=FAMILY_HELP)
+    promote.add_argument("--version", type=int, help="the version to promote (default: the candidate alias)")
+    promote.add_argument("--margin", type=float, default=0.0,
+                         help="required improvement, in the gate metric's units (default 0: strictly better)")
+    promote.add_argument("--dry-run", action="store_true", help="print the decision, move nothing")
+    promote.add_argument("--rollback", action="store_true", help="champion back to the version it replaced (audit trail)")
+    promote.set_defaults(run=_promote)
+    sample = commands.add_parser("sample", help="a PNG grid from a registered model, e.g. models:/genmodels-gan@champion")
+    sample.add_argument("model_uri")
+    sample.add_argument("-n", "--num-images", type=int, default=64)
+    sample.add_argument("-o", "--out", default="samples.png")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--truncation", type=float, default=None, help="GANs: redraw latents beyond this many std")
+    sample.set_defaults(run=_sample)
+    for sub in (prepare, featurizer, train, tune, evaluate, register, promote):
         sub.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         sub.add_argument("--overlay", action="append", default=[], metavar="FILE",
                          help="params fragment merged over --params, e.g. tune/gan_best.yaml (repeatable)")
@@ -121,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        code = args.run(args)
     except (ConfigError, ValueError, RuntimeError, FileNotFoundError, ImportError) as err:
         print(f"genmodels {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -133,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"genmodels {args.command}: {err}", file=sys.stderr)
         return code
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Validation is strict (no "32" -> 32 coercion): YAML already gives typed scalars,
 from __future__ import annotations
 
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -289,6 +290,24 @@ class TuneParams(_Section):
         return self
 
 
+class RegistryParams(_Section):
+    """`registry`: the MLflow registered models (`genmodels register|promote <family>`)."""
+
+    model_name: str = "genmodels-{family}"
+    """Registered model name; `{family}` becomes gan, vae, ... (one registered model per family)."""
+
+    @field_validator("model_name")
+    @classmethod
+    def _one_name_per_family(cls, value: str) -> str:
+        if "{family}" not in value or not re.fullmatch(r"[A-Za-z0-9._-]+", value.replace("{family}", "x")):
+            raise ValueError("expected a name of letters, digits, '.', '_' or '-' holding {family} "
+                             "(each family has its own registered model), e.g. genmodels-{family}")
+        return value
+
+    def name(self, family: str) -> str:
+        return self.model_name.replace("{family}", family)
+
+
 class Params(_Section):
     """The whole of `params.yaml`: one section per stage."""
 
@@ -297,6 +316,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     tune: TuneParams = TuneParams()
+    registry: RegistryParams = RegistryParams()
 
     @model_validator(mode="after")
     def _space_keys_are_train_keys(self) -> "Params":

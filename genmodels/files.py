@@ -29,9 +29,18 @@ def replace_dir(tmp: Path, target: Path) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """`path` holds `data` whole, or keeps what it held (a temporary file beside it, renamed over it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(text)
+    with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        try:
+            f.write(data)
+        except BaseException:
+            os.unlink(f.name)
+            raise
     os.chmod(f.name, 0o644)
     os.replace(f.name, path)
 

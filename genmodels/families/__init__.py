@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from genmodels.families.base import Family
+from genmodels.files import file_sha256
 from genmodels.families.gan import GAN
 from genmodels.families.vae import VAE
 
@@ -40,6 +41,7 @@ class Exported:
     """Its typed family params (`train.<family>` as trained)."""
     config: dict
     """config.json as written by the train stage."""
+    weights_path: Path
 
 
 def load_exported(model_dir: str | Path) -> Exported:
@@ -50,12 +52,16 @@ def load_exported(model_dir: str | Path) -> Exported:
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{model_dir}: no trained model (config.json, weights.pt); run `genmodels train` first")
     config = json.loads(config_path.read_text())
+    expected = config.get("weights_sha256")
+    if expected is not None and file_sha256(weights_path) != expected:
+        raise ValueError(f"{weights_path} is not the file {config_path} names (sha256 {expected[:12]}...): an export "
+                         f"cut short, or a file replaced by hand; train again")
     family = get_family(config["family"])
     params = family.params(_train_params(config, family))
     model = family.build_generator(params, image_size=config["image_size"], channels=config["channels"])
     weights = torch.load(weights_path, map_location="cpu", weights_only=True)
     model.load_state_dict(weights[family.generator_key])
-    return Exported(family=family, model=model.eval(), params=params, config=config)
+    return Exported(family=family, model=model.eval(), params=params, config=config, weights_path=weights_path)
 
 
 def _train_params(config: dict, family: Family):

@@ -55,13 +55,25 @@ class Family:
     """weights.pt key -> `Task.state()` key of what `models/<family>/weights.pt` holds."""
     generator_key: ClassVar[str]
     """The weights.pt key of the model that generates images (built by `build_generator`)."""
+    gate_metric: ClassVar[str]
+    """The evaluate-stage key (metrics/eval_<family>.json) that promotion gates on, with `mode`."""
+    truncation: ClassVar[bool] = False
+    """Whether generation takes a truncation threshold (latent draws resampled beyond it)."""
 
     def params(self, train: TrainParams) -> BaseModel:
         """This family's typed section of `train` (`train.<name>`)."""
         return getattr(train, self.name)
 
-    def build_generator(self, params: BaseModel, *, image_size: int, channels: int) -> nn.Module:
+    def generator_spec(self, params: BaseModel, *, image_size: int, channels: int) -> dict:
+        """{"builder": a `genmodels.models.GENERATORS` name, "kwargs": its keyword arguments}: how
+        the generator is rebuilt, here and inside the registered MLflow model."""
         raise NotImplementedError
+
+    def build_generator(self, params: BaseModel, *, image_size: int, channels: int) -> nn.Module:
+        from genmodels.models import build_generator
+
+        spec = self.generator_spec(params, image_size=image_size, channels=channels)
+        return build_generator(spec["builder"], **spec["kwargs"])
 
     def build_task(self, train: TrainParams, *, image_size: int, channels: int, device: torch.device, world_size: int,
                    precision: Precision) -> Task:
@@ -69,7 +81,7 @@ class Family:
 
     def generate(self, model: nn.Module, z: torch.Tensor) -> torch.Tensor:
         """Latent noise [N, latent_dim] -> images [N, C, H, W] in [-1, 1]."""
-        raise NotImplementedError
+        return model.generate(z)
 
     def latent_dim(self, params: BaseModel) -> int:
         return params.latent_dim

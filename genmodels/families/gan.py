@@ -142,20 +142,20 @@ class GANFamily(Family):
     curve_keys = ("train/loss_d", "train/loss_g", "train/d_real", "train/d_fake")
     exported = {"generator": "ema", "discriminator": "discriminator"}
     generator_key = "generator"
+    gate_metric = "fid"
+    truncation = True  # the truncation trick (Brock et al. 2019, BigGAN sec. 3.1): fidelity for variety
 
     @staticmethod
     def build_models(params: GANParams, *, image_size: int, channels: int) -> tuple[nn.Module, nn.Module]:
         return build_gan(params.preset, image_size=image_size, channels=channels, latent_dim=params.latent_dim,
                          width=params.width, spectral_norm=params.spectral_norm, d_norm=params.d_norm)
 
-    def build_generator(self, params: GANParams, *, image_size: int, channels: int) -> nn.Module:
-        return self.build_models(params, image_size=image_size, channels=channels)[0]
+    def generator_spec(self, params: GANParams, *, image_size: int, channels: int) -> dict:
+        return {"builder": "gan_generator", "kwargs": {"preset": params.preset, "image_size": image_size, "channels": channels,
+                                                      "latent_dim": params.latent_dim, "width": params.width}}
 
     def build_task(self, train, *, image_size, channels, device, world_size, precision) -> GANTask:
         return GANTask(train, image_size=image_size, channels=channels, device=device, world_size=world_size, precision=precision)
-
-    def generate(self, model: nn.Module, z: torch.Tensor) -> torch.Tensor:
-        return model(z).clamp(-1, 1)
 
     def needs_featurizer(self, train: TrainParams) -> bool:
         return train.eval_every_steps > 0

@@ -8,14 +8,12 @@ import itertools
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from genmodels.config import TrainParams, VAEParams
 from genmodels.data.loader import read_images
 from genmodels.data.transforms import to_float
 from genmodels.families.base import NUM_GRID_SAMPLES, Family
 from genmodels.losses import gaussian_kl, negative_elbo, reconstruction_nll
-from genmodels.models import build_vae
 from genmodels.train.ddp import Precision, grad_norm, unwrap, wrap
 from genmodels.train.ema import STANDING_STATS_NUM_BATCHES, ema_decay, ema_update, standing_batchnorm_stats
 
@@ -130,16 +128,15 @@ class VAEFamily(Family):
     curve_keys = ("train/loss", "train/elbo", "train/kl", "train/recon_nll")
     exported = {"vae": "ema"}
     generator_key = "vae"
+    gate_metric = "elbo"
 
-    def build_generator(self, params: VAEParams, *, image_size: int, channels: int) -> nn.Module:
-        return build_vae(params.preset, image_size=image_size, channels=channels, latent_dim=params.latent_dim,
-                         width=params.width, likelihood=params.likelihood)
+    def generator_spec(self, params: VAEParams, *, image_size: int, channels: int) -> dict:
+        return {"builder": "vae", "kwargs": {"preset": params.preset, "image_size": image_size, "channels": channels,
+                                            "latent_dim": params.latent_dim, "width": params.width,
+                                            "likelihood": params.likelihood}}
 
     def build_task(self, train, *, image_size, channels, device, world_size, precision) -> VAETask:
         return VAETask(train, image_size=image_size, channels=channels, device=device, world_size=world_size, precision=precision)
-
-    def generate(self, model: nn.Module, z: torch.Tensor) -> torch.Tensor:
-        return model.to_image(model.decode(z)).clamp(-1, 1)
 
     def attach_data(self, job, task: VAETask, *, rank: int) -> None:
         images = read_images(job.shards, "train", limit=job.params.batch_size_per_worker * STANDING_STATS_NUM_BATCHES)

@@ -6,6 +6,11 @@
 
 Every size comes from the caller (the typed `train.<family>` params): presets hold no defaults
 of their own, so `params.yaml` is the one place a latent size is set.
+
+This package imports only torch and itself (relative imports): the registered MLflow model
+carries a copy of it under a name of its own (`genmodels.stages.register`), so the consumers of
+`models:/genmodels-gan@champion` need torch and mlflow, not this repository.
+`build_generator(builder, **kwargs)` rebuilds a registered generator; each has `generate(z)`.
 """
 
 from dataclasses import dataclass
@@ -13,8 +18,8 @@ from typing import Callable
 
 from torch import nn
 
-from genmodels.models.dcgan import DCGANDiscriminator, DCGANGenerator, SeedDiscriminator, SeedGenerator
-from genmodels.models.vae import VAE, conv_vae, seed_vae
+from .dcgan import DCGANDiscriminator, DCGANGenerator, SeedDiscriminator, SeedGenerator
+from .vae import VAE, conv_vae, seed_vae
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,11 +45,16 @@ def _lookup(kind: str, presets: dict, preset: str):
 def build_gan(preset: str, *, image_size: int, channels: int, latent_dim: int,
               width: int = 64, spectral_norm: bool = False, d_norm: str = "batch") -> tuple[nn.Module, nn.Module]:
     """Return (generator, discriminator) for ``preset`` (see ``GAN_PRESETS``)."""
-    spec = _lookup("GAN", GAN_PRESETS, preset)
-    generator = spec.generator(image_size=image_size, channels=channels, latent_dim=latent_dim, width=width)
-    discriminator = spec.discriminator(image_size=image_size, channels=channels, width=width,
+    generator = build_gan_generator(preset, image_size=image_size, channels=channels, latent_dim=latent_dim, width=width)
+    discriminator = GAN_PRESETS[preset].discriminator(image_size=image_size, channels=channels, width=width,
                                        spectral_norm=spectral_norm, d_norm=d_norm)
     return generator, discriminator
+
+
+def build_gan_generator(preset: str, *, image_size: int, channels: int, latent_dim: int, width: int = 64) -> nn.Module:
+    """The generator of ``preset`` alone (what a registered GAN holds)."""
+    spec = _lookup("GAN", GAN_PRESETS, preset)
+    return spec.generator(image_size=image_size, channels=channels, latent_dim=latent_dim, width=width)
 
 
 def build_vae(preset: str, *, image_size: int, channels: int, latent_dim: int,
@@ -55,4 +65,14 @@ def build_vae(preset: str, *, image_size: int, channels: int, latent_dim: int,
                       width=width, likelihood=likelihood)
 
 
-__all__ = ["GAN_PRESETS", "VAE_PRESETS", "VAE", "build_gan", "build_vae"]
+GENERATORS: dict[str, Callable[..., nn.Module]] = {"gan_generator": build_gan_generator, "vae": build_vae}
+"""Builder name -> constructor of a module with `generate(z)`: what a family's `generator_spec` names."""
+
+
+def build_generator(builder: str, **kwargs) -> nn.Module:
+    if builder not in GENERATORS:
+        raise ValueError(f"unknown generator builder {builder!r}; expected one of {sorted(GENERATORS)}")
+    return GENERATORS[builder](**kwargs)
+
+
+__all__ = ["GAN_PRESETS", "GENERATORS", "VAE_PRESETS", "VAE", "build_gan", "build_gan_generator", "build_generator", "build_vae"]

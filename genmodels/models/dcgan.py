@@ -128,6 +128,10 @@ class _TanhGenerator(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.body(z))
 
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent noise [N, latent_dim] -> images [N, C, S, S] in [-1, 1] (every generator has it)."""
+        return self(z)
+
 
 class DCGANGenerator(_TanhGenerator):
     """DCGAN generator (Radford et al. 2015) for 28, 32 or 64 pixel images; see ``conv_decoder``."""

@@ -8,7 +8,7 @@ scalar ``log_sigma``; ``genmodels.losses.reconstruction_nll`` turns either into 
 import torch
 from torch import nn
 
-from genmodels.models.dcgan import check_choice, conv_decoder, conv_encoder, seed_decoder
+from .dcgan import check_choice, conv_decoder, conv_encoder, seed_decoder
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -57,6 +57,10 @@ class VAE(nn.Module):
         if self.likelihood == "bernoulli":
             return torch.sigmoid(decoder_out) * 2 - 1
         return decoder_out
+
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent noise [N, latent_dim] -> images [N, C, S, S] in [-1, 1] (every generator has it)."""
+        return self.to_image(self.decode(z)).clamp(-1, 1)
 
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -56,7 +56,8 @@ def evaluate(params: Params, family: str, *, models_dir: str | Path = "models", 
     signature = protocol_signature(extractor, reference, ep, num_generated=ep.num_samples, image_size=manifest.image_size,
                                    iwae_num_samples=metrics.get("iwae_num_samples"),
                                    recon_num_generated=metrics.get("num_val") if "recon_fid" in metrics else None)
-    record = {"family": family, **metrics, "signature": signature}
+    # The weights measured: the register stage refuses a record of other weights.
+    record = {"family": family, **metrics, "signature": signature, "weights_sha256": exported.config.get("weights_sha256")}
     write_text(Path(metrics_dir) / f"eval_{family}.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
     _log_to_training_run(model_dir, metrics, signature, samples[:64])
     return record

@@ -19,7 +19,6 @@ import contextlib
 import csv
 import io
 import json
-import shutil
 import signal
 import threading
 import time
@@ -34,7 +33,7 @@ from genmodels.cluster import ensure_ray, preflight
 from genmodels.config import Params
 from genmodels.data.shards import Manifest, load_manifest, manifest_sha256
 from genmodels.families import FAMILIES, Family, get_family
-from genmodels.files import replace_dir, staging_dir, write_text
+from genmodels.files import file_sha256, write_bytes, write_text
 from genmodels.train.chaos import Chaos
 from genmodels.train.checkpoint import StartFrom, read_exported
 from genmodels.train.loop import TrainJob, code_digest, train_loop_per_worker
@@ -199,23 +198,22 @@ def worker_error(err: Exception) -> str:
 
 
 def _export(spec: Family, result, resolved: _Resolved, job: TrainJob, models_dir: Path) -> int:
-    """models/<family>/ from the final checkpoint, after checking that every rank agreed."""
+    """models/<family>/{weights.pt, mlflow.json, config.json} from the final checkpoint, after
+    checking that every rank agreed. Files, not a directory swap: the register stage owns
+    models/<family>/registered.json beside them (DVC outputs may not overlap). config.json goes
+    last and names the weights' sha256, so an export cut short between two files is refused on load."""
     with result.checkpoint.as_directory() as directory:
         bundle = read_exported(Path(directory))
     weights = {name: bundle["objects"][source] for name, source in spec.exported.items()}
     target = models_dir / spec.name
-    tmp = staging_dir(target)
-    try:
-        torch.save(weights, tmp / "weights.pt")
-        config = {**resolved.config, "run_name": resolved.run_name, "storage": resolved.storage,
-                  "image_size": job.image_size, "channels": job.channels}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        mlflow = {"tracking_uri": job.tracking_uri, "run_id": job.run_id, "experiment": job.params.experiment}
-        (tmp / "mlflow.json").write_text(json.dumps(mlflow, indent=2) + "\n")
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(weights, buffer)
+    write_bytes(target / "weights.pt", buffer.getvalue())
+    mlflow = {"tracking_uri": job.tracking_uri, "run_id": job.run_id, "experiment": job.params.experiment}
+    write_text(target / "mlflow.json", json.dumps(mlflow, indent=2) + "\n")
+    config = {**resolved.config, "run_name": resolved.run_name, "storage": resolved.storage,
+              "image_size": job.image_size, "channels": job.channels, "weights_sha256": file_sha256(target / "weights.pt")}
+    write_text(target / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     return bundle["step"]
 
 

@@ -23,16 +23,21 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
-def _imports(tree: ast.AST) -> set[str]:
-    """Every genmodels module an AST imports, with the packages Python runs on the way."""
+def _imports(tree: ast.AST, package: str = "") -> set[str]:
+    """Every genmodels module an AST imports, with the packages Python runs on the way;
+    `package` resolves relative imports (genmodels/models uses them: it is bundled under another name)."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, f"relative import of {node.module!r}: this test follows absolute imports only"
-            names.add(node.module)
-            names |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from pkg import module`
+            module = node.module or ""
+            if node.level:
+                assert package, f"relative import of {module!r} outside a known package"
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join([*base, *([module] if module else [])])
+            names.add(module)
+            names |= {f"{module}.{alias.name}" for alias in node.names}  # `from pkg import module`
     names = {n for n in names if n.split(".")[0] == "genmodels" and _module_file(n)}
     return names | {".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 1)}
 
@@ -52,10 +57,16 @@ def import_closure(entry: Path, command: str) -> set[str]:
         if name in seen:
             continue
         seen.add(name)
-        more = _cli_imports(command) if name == "genmodels.cli" else _imports(ast.parse(_module_file(name).read_text()))
+        path = _module_file(name)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        more = _cli_imports(command) if name == "genmodels.cli" else _imports(ast.parse(path.read_text()), package)
         todo.extend(more - seen)
-    return {_module_file(n).relative_to(ROOT).as_posix() for n in seen}
+    files = {_module_file(n).relative_to(ROOT).as_posix() for n in seen}
+    return files.union(*(USED_BY_PATH.get(f, set()) for f in files))
 
+
+# Files a module reads by path rather than imports: the register stage logs the model code file.
+USED_BY_PATH = {"genmodels/stages/register.py": {"genmodels/tracking/generator_model.py"}}
 
 DVC_FILES = ("dvc.yaml", "tune/dvc.yaml")  # tune/ runs only when asked: `dvc repro tune/dvc.yaml`
 
