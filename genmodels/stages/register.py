@@ -70,7 +70,8 @@ def register(params: Params, family: str, *, models_dir: str | Path = "models", 
                 name="generator", python_model=str(GENERATOR_CODE), artifacts=artifacts, code_paths=[str(code)],
                 signature=_signature(spec, exported.config), input_example=_input_example(), pip_requirements=_pins(),
             )
-        client.set_terminated(run["run_id"], status=status)  # the training run keeps its own end state
+        if status != "RUNNING":
+            client.set_terminated(run["run_id"], status=status)  # the training run keeps its own end state
     version = mlflow.register_model(info.model_uri, name, tags=tags).version
     client.update_model_version(name, version, description=_description(spec, exported, record))
     client.set_registered_model_alias(name, CANDIDATE, version)
@@ -177,9 +178,9 @@ def _signature(spec: Family, config: dict):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-    columns = [ColSpec("long", "num_images"), ColSpec("long", "seed")]
-    if spec.truncation:
-        columns.append(ColSpec("double", "truncation", required=False))
+    # truncation is in every family's schema: MLflow would silently drop an undeclared column, and
+    # a generator without truncation (spec.truncation False) should refuse it, not ignore it.
+    columns = [ColSpec("long", "num_images"), ColSpec("long", "seed"), ColSpec("double", "truncation", required=False)]
     size, channels = config["image_size"], config["channels"]
     return ModelSignature(inputs=Schema(columns), outputs=Schema([TensorSpec(np.dtype("uint8"), (-1, size, size, channels))]),
                           params=ParamSchema([ParamSpec("format", "string", "raw")]))

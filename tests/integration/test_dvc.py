@@ -43,7 +43,8 @@ def _run(cwd, *args):
 def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
     _shrink_training(project_copy)
     out = _run(project_copy, "dvc", "repro")
-    for stage in ("prepare", "featurizer", "train@gan", "train@vae", "evaluate@gan", "evaluate@vae"):
+    for stage in ("prepare", "featurizer", "train@gan", "train@vae", "evaluate@gan", "evaluate@vae", "register@gan",
+                  "register@vae"):
         assert f"Running stage '{stage}'" in out
     manifest = json.loads((project_copy / "data/shards/manifest.json").read_text())
     assert manifest["source"] == "mnist5k" and manifest["image_size"] == 28
@@ -56,6 +57,7 @@ def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
     assert "metrics/eval_gan.json" in shown and "fid" in shown and "metrics/eval_vae.json" in shown and "iwae" in shown
     assert "metrics/featurizer.json" in shown and "val_accuracy" in shown
     assert (project_copy / "mlruns.db").exists() and (project_copy / "mlartifacts").is_dir()
+    _registered_with_both_aliases(project_copy)
     lock = (project_copy / "dvc.lock").read_text()
 
     again = _run(project_copy, "dvc", "repro")
@@ -70,6 +72,7 @@ def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
     assert set(best["train"]["vae"]) == {"lr", "latent_dim"}
     assert "up to date" in _run(project_copy, "dvc", "status", "tune/dvc.yaml:tune@vae")
 
+    _a_lost_registration_is_redone_not_restored(project_copy)
     _failed_stages_keep_their_outputs(project_copy)
     assert "up to date" in _run(project_copy, "dvc", "status", "dvc.yaml")  # every output is still the one dvc.lock records
 
@@ -81,6 +84,31 @@ def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
     assert manifest["image_size"] == 32 and manifest["params"]["image_size"] == 32
     assert "image_size: 32" in (project_copy / "params.yaml").read_text()
     assert json.loads((project_copy / "models/gan/config.json").read_text())["image_size"] == 32
+
+
+def _registered_with_both_aliases(project):
+    """A fresh store ends `dvc repro` with candidate and champion on each family's first version,
+    its tags naming the train stage of dvc.lock."""
+    from mlflow import MlflowClient
+
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    for family in ("gan", "vae"):
+        registered = json.loads((project / f"models/{family}/registered.json").read_text())
+        assert registered["name"] == f"genmodels-{family}" and registered["version"] == "1"
+        assert registered["aliases"] == ["candidate", "champion"]
+        client = MlflowClient(registered["tracking_uri"])
+        assert registered["tracking_uri"] == f"sqlite:///{project / 'mlruns.db'}"
+        tags = client.get_model_version(registered["name"], "1").tags
+        stage = hashlib.sha256(json.dumps(lock[f"train@{family}"], sort_keys=True).encode()).hexdigest()
+        assert tags["dvc.train_stage"] == stage and tags["git.commit"] != "unknown"
+
+
+def _a_lost_registration_is_redone_not_restored(project):
+    """DVC's run-cache could restore registered.json without registering: the stage must run."""
+    (project / "models/gan/registered.json").unlink()
+    out = _run(project, "dvc", "repro", "register@gan")
+    assert "Running stage 'register@gan'" in out and "is cached" not in out
+    assert json.loads((project / "models/gan/registered.json").read_text())["version"] == "2"
 
 
 # (stage, params key, bad value, what the error says, outputs that must survive)
@@ -99,6 +127,8 @@ FAILURES = [
      ["metrics/eval_gan.json"]),
     ("evaluate@vae", "evaluate.num_samples", 1, "evaluate.num_samples: expected an integer >= 10, got 1",
      ["metrics/eval_vae.json"]),
+    ("register@gan", "registry.model_name", "gan model", "registry.model_name: expected a name of letters",
+     ["models/gan/registered.json"]),
 ]
 
 

@@ -28,3 +28,20 @@ def test_only_the_family_files_ask_which_family():
              if "families" not in p.parts
              for n, line in enumerate(p.read_text().splitlines(), 1) if asking.search(line)]
     assert not found, found
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "genmodels/models").glob("*.py")), ids=lambda p: p.name)
+def test_model_files_import_only_torch_and_each_other(path):
+    """The registered MLflow model carries genmodels/models under another package name: an absolute
+    `genmodels` import there would fail (or load this repository's code) in a consumer."""
+    tree = ast.parse(path.read_text())
+    absolute = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    absolute |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
+    assert {m.split(".")[0] for m in absolute} <= {"torch", "dataclasses", "typing", "math", "__future__"}, absolute
+
+
+def test_the_registered_model_code_imports_no_genmodels():
+    tree = ast.parse((ROOT / "genmodels/tracking/generator_model.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not [m for m in imported if m.split(".")[0] == "genmodels"], imported
