@@ -92,8 +92,8 @@ def _promote(args: argparse.Namespace) -> int:
 
     params = _params(args)
     if args.rollback:
-        if args.version is not None:
-            raise ValueError("--rollback goes back along the audit trail: it takes no --version")
+        if args.version is not None or args.margin != 0.0:
+            raise ValueError("--rollback goes back along the audit trail: it takes no --version or --margin")
         decision = rollback(params, args.family, dry_run=args.dry_run)
     else:
         decision = promote(params, args.family, version=args.version, margin=args.margin, dry_run=args.dry_run)
@@ -102,7 +102,7 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from genmodels.stages.promote import sample
+    from genmodels.stages.sample import sample
 
     out = sample(args.model_uri, num_images=args.num_images, out=args.out, seed=args.seed, truncation=args.truncation)
     print(f"sample: {args.num_images} images of {args.model_uri} -> {out}")
@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genmodels {args.command}: interrupted by SIGINT", file=sys.stderr)
         return 130
     except BaseException as err:
+        if type(err).__module__.startswith("mlflow."):  # MlflowException: a bad model URI, an unreachable server
+            print(f"genmodels {args.command}: error: {err}", file=sys.stderr)
+            return 2
         if (code := getattr(err, "exit_code", None)) is None:  # train.run.Interrupted: SIGINT or SIGTERM
             raise
         print(f"genmodels {args.command}: {err}", file=sys.stderr)

@@ -56,7 +56,8 @@ class Family:
     generator_key: ClassVar[str]
     """The weights.pt key of the model that generates images (built by `build_generator`)."""
     gate_metric: ClassVar[str]
-    """The evaluate-stage key (metrics/eval_<family>.json) that promotion gates on, with `mode`."""
+    """The evaluate-stage key (metrics/eval_<family>.json) that promotion gates on."""
+    gate_mode: ClassVar[Literal["min", "max"]]
     truncation: ClassVar[bool] = False
     """Whether generation takes a truncation threshold (latent draws resampled beyond it)."""
 

@@ -142,7 +142,7 @@ class GANFamily(Family):
     curve_keys = ("train/loss_d", "train/loss_g", "train/d_real", "train/d_fake")
     exported = {"generator": "ema", "discriminator": "discriminator"}
     generator_key = "generator"
-    gate_metric = "fid"
+    gate_metric, gate_mode = "fid", "min"
     truncation = True  # the truncation trick (Brock et al. 2019, BigGAN sec. 3.1): fidelity for variety
 
     @staticmethod

@@ -128,7 +128,7 @@ class VAEFamily(Family):
     curve_keys = ("train/loss", "train/elbo", "train/kl", "train/recon_nll")
     exported = {"vae": "ema"}
     generator_key = "vae"
-    gate_metric = "elbo"
+    gate_metric, gate_mode = "elbo", "max"
 
     def generator_spec(self, params: VAEParams, *, image_size: int, channels: int) -> dict:
         return {"builder": "vae", "kwargs": {"preset": params.preset, "image_size": image_size, "channels": channels,

@@ -1,20 +1,20 @@
-"""Promotion, rollback and sampling of registered generators.
+"""Promotion and rollback of registered generators.
 
     decision = promote(params, "gan", version=None, margin=0.0, dry_run=False)   # candidate vs champion
     decision = rollback(params, "gan")            # champion back to the version it replaced
-    sample("models:/genmodels-gan@champion", num_images=64, out="grid.png")
 
 `champion` moves only when the candidate beats it on the family's gate metric (GAN FID lower,
-VAE ELBO higher) by more than `margin` (in the metric's units), measured under the same
-evaluation protocol, or when there is no champion yet. Every move holds the registry's
+VAE ELBO higher) by more than `margin` (in the metric's units, >= 0), measured under the same
+evaluation protocol, or when there is no champion yet. A non-finite metric (a diverged model)
+is never promoted, and any finite one beats it. Every move holds the registry's
 promotion lock and adds one audit entry (`genmodels.tracking.registry`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,8 @@ def promote(params: Params, family: str, *, version: int | None = None, margin: 
             project_dir: str | Path = ".", say=print) -> Decision:
     from genmodels.tracking.registry import CANDIDATE, CHAMPION, aliases, move_alias, promotion_lock, who
 
+    if not math.isfinite(margin) or margin < 0:
+        raise PromotionRefused(f"--margin: expected a finite number >= 0 (the improvement required), got {margin}")
     spec = get_family(family)
     name, client, uri = _registered(params, family, project_dir)
     with promotion_lock(client, name, on_wait=say) if not dry_run else contextlib.nullcontext():
@@ -48,36 +50,43 @@ def promote(params: Params, family: str, *, version: int | None = None, margin: 
         target = str(version) if version is not None else current.get(CANDIDATE)
         if target is None:
             raise PromotionRefused(f"{name} has no {CANDIDATE} alias; name a version with --version")
-        candidate = _version(client, name, target)
-        champion_version = current.get(CHAMPION)
-        value = _gate_value(candidate, spec.gate_metric)
-        head = f"{name}: {spec.gate_metric} of v{target} {_shown(value)}"
-        if champion_version == target:
-            return Decision(name, "already champion", False, target, target, f"{head}: already the {CHAMPION}")
-        if champion_version is None:
-            action, passed, text = "promoted", True, f"{head}, no {CHAMPION} yet"
+        value = _gate_value(_version(client, name, target), spec.gate_metric)
+        if value is not None and not math.isfinite(value):
+            raise PromotionRefused(f"{name} v{target}: {spec.gate_metric} is {value}: a diverged model is never promoted")
+        previous = current.get(CHAMPION)
+        text = f"{name}: {spec.gate_metric} of v{target} {_shown(value)}"
+        if previous == target:
+            return Decision(name, "already champion", False, target, target, f"{text}: already the {CHAMPION}")
+        best = None
+        if previous is None:
+            passed, text = True, f"{text}, no {CHAMPION} yet"
         else:
-            champion = _version(client, name, champion_version)
-            _check_same_protocol(candidate, champion, target, champion_version)
+            champion = _version(client, name, previous)
+            _check_same_protocol(_version(client, name, target), champion, target, previous)
             best = _gate_value(champion, spec.gate_metric)
             if value is None or best is None:
-                missing = target if value is None else champion_version
-                raise PromotionRefused(f"{name} v{missing} has no eval.{spec.gate_metric} tag: it cannot be gated")
-            passed = value < best - margin if spec.mode == "min" else value > best + margin
-            better = "lower" if spec.mode == "min" else "higher"
-            text = (f"{head} vs {CHAMPION} v{champion_version} {_shown(best)} ({better} is better, margin {margin:g})")
-            action = "promoted" if passed else "kept"
+                raise PromotionRefused(f"{name} v{target if value is None else previous} has no eval.{spec.gate_metric} "
+                                       f"tag: it cannot be gated")
+            passed = _beats(value, best, spec.gate_mode, margin)
+            text += (f" vs {CHAMPION} v{previous} {_shown(best)} ({'lower' if spec.gate_mode == 'min' else 'higher'} "
+                     f"is better, margin {margin:g})")
         if not passed:
-            return Decision(name, "kept", False, target, champion_version,
-                            f"{text}: kept v{champion_version} as {CHAMPION}" + (" (dry run)" if dry_run else ""))
+            return Decision(name, "kept", False, target, previous,
+                            f"{text}: kept v{previous} as {CHAMPION}" + (" (dry run)" if dry_run else ""))
         if dry_run:
-            return Decision(name, action, False, target, champion_version, f"{text}: would promote v{target} (dry run)")
+            return Decision(name, "promoted", False, target, previous, f"{text}: would promote v{target} (dry run)")
         move_alias(client, name, CHAMPION, target, entry={
-            "action": "promote", "from_version": champion_version, "metric": spec.gate_metric, "margin": margin,
-            "to_metric": value, "from_metric": None if champion_version is None else _gate_value(champion, spec.gate_metric),
-            **who(project_dir)})
-        return Decision(name, action, True, target, champion_version,
-                        f"{text}: promoted, {CHAMPION} v{champion_version or '-'} -> v{target} ({uri})")
+            "action": "promote", "from_version": previous, "metric": spec.gate_metric, "margin": margin,
+            "to_metric": value, "from_metric": best, **who(project_dir)})
+        return Decision(name, "promoted", True, target, previous,
+                        f"{text}: promoted, {CHAMPION} v{previous or '-'} -> v{target} ({uri})")
+
+
+def _beats(value: float, best: float, mode: str, margin: float) -> bool:
+    """Better by more than `margin`; any finite value beats a non-finite (diverged) champion."""
+    if not math.isfinite(best):
+        return True
+    return value < best - margin if mode == "min" else value > best + margin
 
 
 def rollback(params: Params, family: str, *, dry_run: bool = False, project_dir: str | Path = ".", say=print) -> Decision:
@@ -104,29 +113,6 @@ def rollback(params: Params, family: str, *, dry_run: bool = False, project_dir:
             "action": "rollback", "from_version": current, "metric": spec.gate_metric, "from_metric": values[0],
             "to_metric": values[1], **who(project_dir)})
         return Decision(name, "rolled back", True, target, current, f"{text}: rolled back")
-
-
-def sample(model_uri: str, *, num_images: int, out: str | Path, seed: int = 0, truncation: float | None = None,
-           project_dir: str | Path = ".") -> Path:
-    """A grid PNG of `num_images` images of a registered (or any pyfunc) generator."""
-    import mlflow
-    import pandas as pd
-    import torch
-    from PIL import Image
-
-    from genmodels.data.transforms import image_grid
-    from genmodels.files import write_bytes
-    from genmodels.tracking import resolve_tracking
-
-    mlflow.set_tracking_uri(resolve_tracking(Path(project_dir)).uri)
-    row = {"num_images": num_images, "seed": seed, **({"truncation": truncation} if truncation is not None else {})}
-    pixels = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame([row]))
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    buffer = io.BytesIO()
-    Image.fromarray(image_grid(images)).save(buffer, format="PNG")
-    out = Path(out)
-    write_bytes(out, buffer.getvalue())
-    return out
 
 
 def _registered(params: Params, family: str, project_dir):

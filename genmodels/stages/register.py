@@ -47,37 +47,45 @@ def register(params: Params, family: str, *, models_dir: str | Path = "models", 
     import mlflow
     from mlflow import MlflowClient
 
+    from genmodels.tracking import resolve_tracking
     from genmodels.tracking.registry import CANDIDATE, CHAMPION, aliases, move_alias, promotion_lock, who
 
     model_dir, project_dir = Path(models_dir) / family, Path(project_dir)
     exported = load_exported(model_dir)
     spec = exported.family
+    if "weights_sha256" not in exported.config:
+        raise RegisterError(f"{model_dir / 'config.json'} names no weights_sha256: the model predates it; train again")
     record = _eval_record(Path(metrics_dir) / f"eval_{family}.json", exported.config)
     run = json.loads((model_dir / "mlflow.json").read_text())
+    current_store = resolve_tracking(project_dir).uri
+    if run["tracking_uri"] != current_store:
+        raise RegisterError(f"{model_dir / 'mlflow.json'}: the model was trained against tracking store {run['tracking_uri']}, "
+                            f"not the current one ({current_store}); train again against this store "
+                            f"(dvc repro -f -s train@{family}, then evaluate and register)")
     client = MlflowClient(run["tracking_uri"])
     training = _training_run(client, run, model_dir)
     name = params.registry.name(family)
     tags = version_tags(spec, exported, record, training.data.tags, project_dir)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    mlflow.set_tracking_uri(run["tracking_uri"])
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # predict is typed by the signature (columns, params), not by type hints
+        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
         artifacts, code = _bundle(spec, exported, Path(tmp))
-        mlflow.set_tracking_uri(run["tracking_uri"])
-        status = training.info.status
-        with mlflow.start_run(run_id=run["run_id"]), warnings.catch_warnings():
-            # predict is typed by the signature (columns, params), not by type hints
-            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
-            info = mlflow.pyfunc.log_model(
-                name="generator", python_model=str(GENERATOR_CODE), artifacts=artifacts, code_paths=[str(code)],
-                signature=_signature(spec, exported.config), input_example=_input_example(), pip_requirements=_pins(),
-            )
-        if status != "RUNNING":
-            client.set_terminated(run["run_id"], status=status)  # the training run keeps its own end state
-    version = mlflow.register_model(info.model_uri, name, tags=tags).version
+        # Model.log takes the run id: the finished training run is not reopened (its status and end time stay)
+        info = mlflow.models.Model.log(
+            None, name="generator", flavor=mlflow.pyfunc, flavor_name="pyfunc.ModelFromCode", run_id=run["run_id"],
+            python_model=str(GENERATOR_CODE), artifacts=artifacts, code_paths=[str(code)],
+            signature=_signature(spec, exported.config), input_example=_input_example(), pip_requirements=_pins(),
+        )
+    version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
     client.update_model_version(name, version, description=_description(spec, exported, record))
-    client.set_registered_model_alias(name, CANDIDATE, version)
     moved = None
     with promotion_lock(client, name, on_wait=say):
-        if CHAMPION not in aliases(client, name):
+        current = aliases(client, name)
+        if int(current.get(CANDIDATE, 0)) < int(version):  # a register that finished after a later one leaves it
+            client.set_registered_model_alias(name, CANDIDATE, version)
+        if CHAMPION not in current:
             moved = move_alias(client, name, CHAMPION, version, entry={
                 "action": "first-champion", "from_version": None, "metric": spec.gate_metric,
                 "to_metric": record.get(spec.gate_metric), "from_metric": None, **who(project_dir)})
@@ -106,6 +114,8 @@ def _training_run(client, run: dict, model_dir: Path):
     try:
         return client.get_run(run["run_id"])
     except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         raise RegisterError(f"{model_dir / 'mlflow.json'}: training run {run['run_id']} is not in the tracking store "
                             f"{run['tracking_uri']} ({err.error_code}); train again against this store") from None
 
@@ -117,7 +127,7 @@ def version_tags(spec: Family, exported, record: dict, run_tags: dict, project_d
     tags = {
         "family": spec.name, "gate.metric": spec.gate_metric, "gate.mode": spec.mode,
         "git.commit": run_tags.get("git.commit", "unknown"), "git.dirty": run_tags.get("git.dirty", "unknown"),
-        "data.manifest_sha256": config["data"]["manifest_sha256"], "weights_sha256": config["weights_sha256"],
+        "data.manifest_sha256": config["data"]["manifest_sha256"], "train.weights_sha256": config["weights_sha256"],
         "dvc.train_stage": _dvc_train_stage(project_dir, spec.name, exported),
         "config": json.dumps({k: v for k, v in config.items() if k not in ("data",)}, sort_keys=True),
         "eval.signature_sha256": signature_sha256(signature),

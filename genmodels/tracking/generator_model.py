@@ -7,6 +7,7 @@ installed `genmodels` can neither shadow it nor be needed.
     model = mlflow.pyfunc.load_model("models:/genmodels-gan@champion")
     images = model.predict(pd.DataFrame([{"num_images": 8, "seed": 0}, {"num_images": 4, "seed": 1}]))
     # uint8 [12, H, W, C]: the first 8 drawn from seed 0, the next 4 from seed 1
+    # (a seed's first k images are the same in any row that asks it for k or more)
     pngs = model.predict(rows, params={"format": "png"})   # base64 PNG strings, one per image
 
 Rows may carry `truncation` (GANs): latent draws beyond that many standard deviations are drawn
@@ -30,7 +31,8 @@ import numpy as np
 import torch
 from mlflow.pyfunc import PythonModel
 
-MAX_IMAGES_PER_CALL = 10_000  # a bound on one request's memory (28x28: ~8 MB of uint8)
+MAX_IMAGES_PER_CALL = 10_000  # a bound on one request's output (28x28: ~8 MB of uint8)
+GENERATE_BATCH_SIZE = 256
 FORMATS = ("raw", "png")
 
 
@@ -85,11 +87,13 @@ class Generator(PythonModel):
             raise ValueError(f"truncation: this {self.spec['family']} generator takes none, got {truncation}")
         generator = torch.Generator().manual_seed(int(seed))
         z = torch.empty(_count(row), self.spec["latent_dim"])
-        if truncation is None:
-            z.normal_(generator=generator)
-        else:
-            torch.nn.init.trunc_normal_(z, 0.0, 1.0, -truncation, truncation, generator=generator)
-        return self.model.generate(z)
+        for latent in z:  # one draw per image: the first n images of a seed are the same whatever the row's count
+            if truncation is None:
+                latent.normal_(generator=generator)
+            else:
+                torch.nn.init.trunc_normal_(latent, 0.0, 1.0, -truncation, truncation, generator=generator)
+        # in batches: the activations, not the uint8 output, bound a large request's memory
+        return torch.cat([self.model.generate(batch) for batch in z.split(GENERATE_BATCH_SIZE)])
 
 
 def _count(row: dict) -> int:
