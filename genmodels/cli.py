@@ -8,6 +8,8 @@
     genmodels register gan|vae                 # MLflow model version + alias candidate (champion if none)
     genmodels promote gan|vae [--version N] [--margin X] [--dry-run] [--rollback]
     genmodels sample models:/genmodels-gan@champion -n 64 -o grid.png
+    genmodels submit --address http://HEAD:8265 -- genmodels train gan --shards http://data/shards
+    genmodels jobs list|logs ID|stop ID --address http://HEAD:8265
 """
 
 from __future__ import annotations
@@ -108,6 +110,54 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"sample: {args.num_images} images of {args.model_uri} -> {out}")
 
 
+def _submit(args: argparse.Namespace) -> int:
+    import shlex
+    import tempfile
+
+    from genmodels.cluster import SHIPPED_ARTIFACTS, follow, forwarded_env, job_client, job_runtime_env
+
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    if not command:
+        raise ValueError("nothing to run: genmodels submit --address http://HEAD:8265 -- genmodels train gan")
+    if command[0] == "dvc":
+        raise ValueError("dvc repro needs the git repository, which a job does not get: run the data stages where the "
+                         "data lives (dvc repro prepare featurizer), publish data/shards by URL, and submit training "
+                         "(genmodels train gan --shards URL)")
+    client = job_client(args.address)
+    with tempfile.TemporaryDirectory(prefix="genmodels-submit-") as staging:
+        runtime_env, size = job_runtime_env(".", staging, forwarded_env(args.env))
+        print(f"submit: {size / 1e6:.2f} MB to upload (the project's code and {', '.join(SHIPPED_ARTIFACTS)}); "
+              f"environment: {', '.join(runtime_env['env_vars']) or 'none'}", flush=True)
+        job_id = client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env)
+    print(f"submit: job {job_id} on {args.address}", flush=True)
+    if not args.wait:
+        return 0
+    try:
+        status = follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"submit: stopped following; the job runs on (genmodels jobs stop {job_id} --address {args.address})")
+        return 130
+    print(f"submit: job {job_id} {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from genmodels.cluster import job_client
+
+    client = job_client(args.address)
+    if args.action == "list":
+        for job in client.list_jobs():
+            print(f"{job.submission_id}  {job.status.value:<9}  {job.entrypoint}")
+        return 0
+    if not args.job_id:
+        raise ValueError(f"genmodels jobs {args.action} needs a job id (genmodels jobs list)")
+    if args.action == "logs":
+        print(client.get_job_logs(args.job_id), end="")
+    else:
+        print(f"jobs: stop {args.job_id}: {'stopping' if client.stop_job(args.job_id) else 'already ended'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genmodels", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--truncation", type=float, default=None, help="GANs: redraw latents beyond this many std")
     sample.set_defaults(run=_sample)
+    submit = commands.add_parser("submit", help="run a genmodels command as a Ray job on a cluster: "
+                                 "genmodels submit --address http://HEAD:8265 -- genmodels train gan")
+    submit.add_argument("--address", required=True, help="the Ray job server (the head's dashboard, port 8265)")
+    submit.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                        help="stream the logs and exit with the job's status (0 only for SUCCEEDED)")
+    submit.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a non-secret variable for the job (credentials belong on the cluster's nodes)")
+    submit.add_argument("command_line", nargs=argparse.REMAINDER, help="-- then the command, e.g. genmodels train gan")
+    submit.set_defaults(run=_submit)
+    jobs = commands.add_parser("jobs", help="list, show the logs of, or stop Ray jobs")
+    jobs.add_argument("action", choices=("list", "logs", "stop"))
+    jobs.add_argument("job_id", nargs="?")
+    jobs.add_argument("--address", required=True, help="the Ray job server (the head's dashboard, port 8265)")
+    jobs.set_defaults(run=_jobs)
     for sub in (prepare, featurizer, train, tune, evaluate, register, promote):
         sub.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         sub.add_argument("--overlay", action="append", default=[], metavar="FILE",

@@ -40,3 +40,113 @@ def preflight(*, num_workers: int, cpus_per_worker: float, use_gpu: bool, what: 
             f"{ {k: have.get(k, 0.0) for k in need} }; lower {what}.num_workers / {what}.cpus_per_worker"
             f"{f' / {what}.use_gpu' if use_gpu else ''} or add nodes"
         )
+
+
+SHARED_PATHS_ENV = "GENMODELS_SHARED_PATHS"
+"""os.pathsep-separated directories every node of the cluster sees at the same path (an NFS
+mount, a shared volume): node-local paths under them are accepted on a multi-node cluster."""
+
+
+def check_shared(paths: dict[str, str]) -> None:
+    """On a cluster of more than one node, refuse node-local paths that workers must open
+    (`paths`: the param or input naming it -> path or URI). A URI (s3://, gs://, http(s)://, a
+    tracking server) or a path under $GENMODELS_SHARED_PATHS is fine; so is any path on one node."""
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) <= 1:
+        return
+    shared = [os.path.abspath(p) for p in os.environ.get(SHARED_PATHS_ENV, "").split(os.pathsep) if p]
+    local = {key: path for key, path in paths.items() if _node_local(path) and not _under(path, shared)}
+    if local:
+        listed = "; ".join(f"{key} = {path}" for key, path in local.items())
+        raise RuntimeError(
+            f"the Ray cluster has {len(nodes)} nodes, and workers on other nodes cannot open paths on this one: {listed}. "
+            f"Use storage every node reaches by URI (train.storage_path: s3://bucket/ray_results, shards over "
+            f"http(s):// or s3://, MLFLOW_TRACKING_URI=http://mlflow-server:5000), or declare a directory that every "
+            f"node mounts at the same path with {SHARED_PATHS_ENV}=/mnt/shared"
+        )
+
+
+def _node_local(path: str) -> bool:
+    return path.startswith(("sqlite:///", "file://")) or "://" not in path
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    path = os.path.abspath(path.removeprefix("sqlite:///").removeprefix("file://"))
+    return any(os.path.commonpath([path, root]) == root for root in roots)
+
+
+# Job submission (Ray Jobs). The runtime env is stored in the job's info, which the dashboard
+# (no authentication) and `ray job list` show to anyone who reaches them: only these non-secret
+# variables travel with a job; credentials come from the cluster side (node environment, a
+# Kubernetes Secret).
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", SHARED_PATHS_ENV, "GENMODELS_CHAOS")
+_SECRET_WORDS = ("PASSWORD", "SECRET", "TOKEN", "CREDENTIAL", "PRIVATE")
+SHIPPED_ARTIFACTS = ("models/featurizer",)
+"""Ignored by git (DVC outputs) but small and needed by the job: added to its working_dir."""
+TERMINAL_OK = "SUCCEEDED"
+
+
+def job_runtime_env(project_dir: str | os.PathLike, staging: str | os.PathLike, env: dict[str, str]) -> tuple[dict, int]:
+    """(runtime_env, upload bytes): the project's code (git's view: tracked and untracked files that
+    are not ignored, so never .git, .venv or DVC outputs) plus SHIPPED_ARTIFACTS, copied into
+    `staging` as the job's working_dir, and the forwarded variables of `env`."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    project, staging = Path(project_dir).resolve(), Path(staging)
+    try:
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=project,
+                                check=True, capture_output=True, text=True).stdout.split("\0")
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise RuntimeError(f"{project}: genmodels submit ships the project's git-visible files; not a git work tree ({err})") from None
+    files = [project / rel for rel in listed if rel and (project / rel).is_file()]
+    for artifact in SHIPPED_ARTIFACTS:
+        if (project / artifact).is_dir():
+            files += [p for p in (project / artifact).rglob("*") if p.is_file()]
+    for path in files:
+        target = staging / path.relative_to(project)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    for name, value in env.items():
+        if any(word in name.upper() for word in _SECRET_WORDS):
+            raise ValueError(f"--env {name}: looks like a credential; the runtime env is shown by the dashboard and "
+                             f"`ray job list`: give it to the cluster's nodes (environment, Kubernetes Secret) instead")
+        if "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError(f"{name}: {value.split('@')[-1]!r} with credentials in the URL would be shown by the "
+                             f"dashboard; set them on the cluster's nodes instead (MLFLOW_TRACKING_USERNAME/PASSWORD)")
+    return {"working_dir": str(staging), "env_vars": dict(env)}, sum(path.stat().st_size for path in files)
+
+
+def forwarded_env(extra: list[str] = ()) -> dict[str, str]:
+    """The FORWARDED_ENV variables set here, plus `extra` NAME=VALUE pairs."""
+    env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    for item in extra:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--env {item!r}: expected NAME=VALUE")
+        env[name] = value
+    return env
+
+
+def job_client(address: str):
+    """A JobSubmissionClient for `address` (http://HOST:8265), with a clear error when unreachable."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise RuntimeError(f"no Ray job server at {address}: {str(err).splitlines()[0]} (is the head's dashboard "
+                           f"running, and reachable from here? The default port is 8265)") from None
+
+
+def follow(client, job_id: str, out=print) -> str:
+    """Stream the job's logs until it ends; return its final status."""
+    import asyncio
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            out(lines.rstrip("\n"))
+
+    asyncio.run(tail())
+    return str(client.get_job_status(job_id).value)

@@ -113,13 +113,13 @@ class GANPeriodicEval:
     `train.eval_num_samples` with the EMA generator; feature sums are all-reduced."""
 
     def __init__(self, job, task: GANTask, *, rank: int, world_size: int):
-        from genmodels.metrics.features import load_extractor
+        from genmodels.metrics.features import domain_extractor
         from genmodels.metrics.fid import FeatureStats
 
         params = job.params
         self.task, self.rank, self.seed, self.latent_dim = task, rank, params.seed, params.gan.latent_dim
-        self.extractor = load_extractor("domain", featurizer_dir=job.featurizer_dir, device=task.device)
-        self.reference = FeatureStats.load(job.eval_reference)
+        self.extractor = domain_extractor(job.featurizer, device=task.device)
+        self.reference = FeatureStats.from_bytes(job.eval_reference)
         self.num_local = params.eval_num_samples // world_size + (rank < params.eval_num_samples % world_size)
 
     @torch.no_grad()

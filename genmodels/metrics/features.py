@@ -11,6 +11,7 @@ protocol signature, so numbers from different feature spaces are never compared.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,15 +81,27 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _domain_extractor(directory: Path, device: torch.device) -> Extractor:
+def featurizer_files(directory: str | Path) -> dict[str, bytes]:
+    """The domain classifier as bytes ({"weights.pt", "config.json"}): what a Ray worker gets in
+    its job instead of a path, which on a cluster would name the driver's disk."""
+    directory = Path(directory)
     weights, config_path = directory / "weights.pt", directory / "config.json"
     if not weights.is_file() or not config_path.is_file():
         raise FileNotFoundError(f"{directory}: no trained domain classifier (weights.pt, config.json); run `dvc repro featurizer` "
                                 "or `genmodels featurizer` first")
-    config = json.loads(config_path.read_text())
+    return {"weights.pt": weights.read_bytes(), "config.json": config_path.read_bytes()}
+
+
+def _domain_extractor(directory: Path, device: torch.device) -> Extractor:
+    return domain_extractor(featurizer_files(directory), device)
+
+
+def domain_extractor(files: dict[str, bytes], device: torch.device | str = "cpu") -> Extractor:
+    """The domain classifier's feature space, from `featurizer_files` (no file is opened)."""
+    config = json.loads(files["config.json"])
     model = DomainClassifier(channels=config["channels"], num_classes=config["num_classes"], width=config["width"],
                              feature_dim=config["feature_dim"])
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(io.BytesIO(files["weights.pt"]), map_location="cpu", weights_only=True))
     model.to(device).eval()
 
     @torch.no_grad()
@@ -99,7 +112,7 @@ def _domain_extractor(directory: Path, device: torch.device) -> Extractor:
     def probabilities(images: torch.Tensor) -> torch.Tensor:
         return F.softmax(model(quantize_8bit(images.to(device))).double(), dim=1).cpu()
 
-    return Extractor(name=f"domain-cnn-{config['image_size']}px", weights_sha256=_file_sha256(weights),
+    return Extractor(name=f"domain-cnn-{config['image_size']}px", weights_sha256=hashlib.sha256(files["weights.pt"]).hexdigest(),
                      resize_rule="none (native image size)", dim=config["feature_dim"], features=features,
                      probabilities=probabilities)
 

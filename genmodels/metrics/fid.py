@@ -13,6 +13,7 @@ on how the samples were split.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass
@@ -114,6 +115,15 @@ class FeatureStats:
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
         return cls.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(self.to_dict(), buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> FeatureStats:
+        return cls.from_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
 
     def all_reduce_(self, group: dist.ProcessGroup | None = None) -> FeatureStats:
         """Sum the three fields over the ranks of ``group`` in place (one collective); a no-op when

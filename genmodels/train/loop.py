@@ -59,9 +59,11 @@ class TrainJob(BaseModel):
     `train.run_name` can still resume across a bug fix."""
     tracking_uri: str
     run_id: str
-    featurizer_dir: str = ""
-    eval_reference: str = ""
-    """FeatureStats file of the reference split in the featurizer's space (periodic GAN FID)."""
+    featurizer: dict[str, bytes] = {}
+    """The domain classifier's files (`metrics.features.featurizer_files`), for the periodic GAN
+    FID: they travel with the job (Ray's object store), never as a path on the driver's disk."""
+    eval_reference: bytes = b""
+    """FeatureStats of the reference split in the featurizer's space (`FeatureStats.to_bytes`)."""
     chaos: Chaos | None = None
     """Fault injection (`genmodels.train.chaos`), None unless GENMODELS_CHAOS is set."""
 

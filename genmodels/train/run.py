@@ -29,7 +29,7 @@ from typing import Callable
 import ray
 import torch
 
-from genmodels.cluster import ensure_ray, preflight
+from genmodels.cluster import check_shared, ensure_ray, preflight
 from genmodels.config import Params
 from genmodels.data.shards import Manifest, load_manifest, manifest_sha256
 from genmodels.families import FAMILIES, Family, get_family
@@ -75,6 +75,7 @@ def train(params: Params, family: str, *, shards: str | Path = "data/shards", mo
     ensure_ray()
     with _DriverSignals() as signals:  # after ray.init, whose core worker installs a SIGTERM handler of its own
         preflight(num_workers=params.train.num_workers, cpus_per_worker=params.train.cpus_per_worker, use_gpu=params.train.use_gpu)
+        check_shared({"train.storage_path": resolved.storage, "shards": resolved.job.shards, "tracking store": tracking.uri})
         job = None
         try:
             job, resumed = _open_run(resolved, tracking, project_dir)
@@ -117,21 +118,19 @@ def run_config(job: TrainJob, data: dict) -> dict:
 
 
 def _periodic_eval_inputs(params: Params, spec: Family, manifest: Manifest, featurizer_dir: Path) -> dict:
-    """Featurizer and reference statistics for a periodic FID, computed once here (cached)."""
+    """Featurizer and reference statistics for a periodic FID, computed once here (cached), as
+    bytes in the job: a worker on another node cannot open the driver's files."""
     if not spec.needs_featurizer(params.train):
         return {}
-    from genmodels.metrics.features import load_extractor
+    from genmodels.metrics.features import domain_extractor, featurizer_files
     from genmodels.metrics.protocol import reference_stats
 
     try:
-        extractor = load_extractor("domain", featurizer_dir=featurizer_dir)
+        files = featurizer_files(featurizer_dir)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{err}; or set train.eval_every_steps: 0 to train without periodic FID") from None
-    reference = reference_stats(extractor, manifest, params.evaluate)
-    path = Path(params.evaluate.cache_dir).resolve() / f"train-reference-{reference.sha256[:24]}.pt"
-    if not path.exists():
-        reference.stats.save(path)
-    return {"featurizer_dir": str(featurizer_dir.resolve()), "eval_reference": str(path)}
+    reference = reference_stats(domain_extractor(files), manifest, params.evaluate)
+    return {"featurizer": files, "eval_reference": reference.stats.to_bytes()}
 
 
 def _storage_uri(storage_path: str, project_dir: Path) -> str:

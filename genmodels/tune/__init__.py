@@ -36,7 +36,7 @@ from ray import tune as ray_tune
 from ray.tune import Callback
 from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 
-from genmodels.cluster import ensure_ray, preflight
+from genmodels.cluster import check_shared, ensure_ray, preflight
 from genmodels.config import Distribution, Params, apply_overrides, check_space
 from genmodels.families import Family, get_family
 from genmodels.tune.trial import Sweep, run_trial
@@ -93,6 +93,7 @@ def tune(params: Params, family: str, *, shards: str | Path = "data/shards", out
         _check_same_sweep(key_file, key, name)
 
     ensure_ray()
+    check_shared({"train.storage_path": resolved.storage, "shards": resolved.job.shards, "tracking store": tracking.uri})
     concurrency = _concurrency(base, tp.max_concurrent_trials)
     if tp.scheduler == "pbt" and not 2 <= tp.num_samples <= concurrency:
         raise SweepError(f"scheduler pbt runs its population side by side: tune.num_samples ({tp.num_samples}) must be "
