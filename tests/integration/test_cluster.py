@@ -50,6 +50,13 @@ def test_submit_streams_logs_returns_the_job_status_and_never_ships_secrets(head
     logs = _genmodels(project_copy, "jobs", "logs", job_id, "--address", head.dashboard)
     assert logs.returncode == 0 and "about to fail" in logs.stdout
 
+    detached = _genmodels(project_copy, "submit", "--address", head.dashboard, "--no-wait", "--", sys.executable, "-c",
+                          "import time; time.sleep(600)")
+    assert detached.returncode == 0
+    job_id = re.search(r"submit: job (\S+) on", detached.stdout).group(1)
+    assert "stopping" in _genmodels(project_copy, "jobs", "stop", job_id, "--address", head.dashboard).stdout
+    _until(lambda: f"{job_id}  STOPPED" in _genmodels(project_copy, "jobs", "list", "--address", head.dashboard).stdout)
+
 
 def test_submit_refuses_credentials_dvc_and_an_unreachable_address(head, project_copy):
     refused = _genmodels(project_copy, "submit", "--address", head.dashboard, "--env", "DB_PASSWORD=x", "--", "true")
