@@ -180,7 +180,8 @@ def _write_split(tmp, split, records, source, params, rejected, bar) -> SplitInf
 
 
 def load_manifest(location: str | Path) -> Manifest:
-    """Load `manifest.json` from a shard directory, the manifest file itself, or an http(s) URL."""
+    """Load `manifest.json` from a shard directory, the manifest file itself, or an http(s):// or
+    s3:// (gs://) URL."""
     location = str(location)
     if location.endswith(MANIFEST_NAME):
         location = location[: -len(MANIFEST_NAME)].rstrip("/") or "."
@@ -227,6 +228,8 @@ def read_shard(manifest: Manifest, shard: ShardInfo) -> bytes:
 
 def read_bytes(url: str, *, what: str) -> bytes:
     try:
+        if url.startswith(OBJECT_STORE_SCHEMES):
+            return _read_object(url)
         if _is_url(url):
             with urllib.request.urlopen(url, timeout=60) as response:
                 return response.read()
@@ -237,8 +240,22 @@ def read_bytes(url: str, *, what: str) -> bytes:
         raise ShardError(f"{what} {url} could not be read: {err}") from None
 
 
+OBJECT_STORE_SCHEMES = ("s3://", "gs://")
+
+
+def _read_object(url: str) -> bytes:
+    """An object of S3 (or GCS) through pyarrow's filesystems, which Ray already ships: credentials,
+    region and endpoint from the usual variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    AWS_ENDPOINT_URL for S3-compatible stores such as MinIO)."""
+    import pyarrow.fs
+
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(url)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
 def _is_url(location: str) -> bool:
-    return location.startswith(("http://", "https://"))
+    return location.startswith(("http://", "https://", *OBJECT_STORE_SCHEMES))
 
 
 def iter_samples(data: bytes, name: str) -> Iterator[tuple[str, bytes, int]]:

@@ -3,8 +3,14 @@
 import functools
 import hashlib
 import http.server
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +124,44 @@ def test_corrupted_shard_is_named_when_read(shards_copy, num_workers):
 def test_batch_larger_than_split_is_refused_with_numbers(mnist_shards):
     with pytest.raises(ValueError, match="split 'val' has \\d+ samples, fewer than world_size x batch_size_per_worker = 2 x 4000"):
         ShardLoader(mnist_shards, "val", world_size=2, rank=1, batch_size_per_worker=4000)
+
+
+def test_s3_shards_read_like_local_ones_from_an_s3_compatible_server(mnist_shards, tmp_path, monkeypatch):
+    """moto's S3 server on 127.0.0.1 stands in for S3 or MinIO; the shards are uploaded with pyarrow."""
+    import pyarrow.fs
+
+    from tests.integration.mlflow_server import _free_port
+
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        s3 = _until_connected(lambda: pyarrow.fs.S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}",
+                                                               region="us-east-1", allow_bucket_creation=True))
+        s3.create_dir("shards")
+        pyarrow.fs.copy_files(str(mnist_shards), "shards/mnist", source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=s3)
+        remote = ShardLoader("s3://shards/mnist", "val", batch_size_per_worker=100, num_workers=2, shuffle=False, cache=False)
+        local = ShardLoader(mnist_shards, "val", batch_size_per_worker=100, num_workers=2, shuffle=False, cache=False)
+        assert _fingerprints(list(remote)) == _fingerprints(list(local))
+        with pytest.raises(ShardError, match="manifest s3://shards/nowhere/manifest.json is missing"):
+            ShardLoader("s3://shards/nowhere", "val", batch_size_per_worker=1)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _until_connected(make, timeout_s=60.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        filesystem = make()
+        try:
+            filesystem.get_file_info("shards")  # any request: is the server up?
+            return filesystem
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.25)  # the server is starting: nothing to wait on but its port
