@@ -7,6 +7,7 @@ to that cluster.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -52,18 +53,35 @@ def check_shared(paths: dict[str, str]) -> None:
     (`paths`: the param or input naming it -> path or URI). A URI (s3://, gs://, http(s)://, a
     tracking server) or a path under $GENMODELS_SHARED_PATHS is fine; so is any path on one node."""
     nodes = [node for node in ray.nodes() if node.get("Alive")]
-    if len(nodes) <= 1:
+    if len(nodes) <= 1 and not _autoscaling():
         return
     shared = [os.path.abspath(p) for p in os.environ.get(SHARED_PATHS_ENV, "").split(os.pathsep) if p]
     local = {key: path for key, path in paths.items() if _node_local(path) and not _under(path, shared)}
     if local:
         listed = "; ".join(f"{key} = {path}" for key, path in local.items())
         raise RuntimeError(
-            f"the Ray cluster has {len(nodes)} nodes, and workers on other nodes cannot open paths on this one: {listed}. "
+            f"the Ray cluster has {len(nodes)} node(s){' and an autoscaler' if len(nodes) <= 1 else ''}, and workers on "
+            f"other nodes cannot open paths on this one: {listed}. "
             f"Use storage every node reaches by URI (train.storage_path: s3://bucket/ray_results, shards over "
             f"http(s):// or s3://, MLFLOW_TRACKING_URI=http://mlflow-server:5000), or declare a directory that every "
             f"node mounts at the same path with {SHARED_PATHS_ENV}=/mnt/shared"
         )
+
+
+def _autoscaling() -> bool:
+    """Whether an autoscaler may add nodes, from Ray's own status keys in the GCS (private API,
+    hence the guard): v2 sets a flag; v1's monitor reports an `autoscaler_report` only when it
+    has an autoscaling config (a plain `ray start --head` monitor has none)."""
+    try:
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        if _internal_kv_get(ray._raylet.GCS_AUTOSCALER_V2_ENABLED_KEY) == b"1":
+            return True
+        status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        return bool(status) and not {"autoscaler_report", "autoscaler_update_time"}.isdisjoint(json.loads(status))
+    except Exception:  # a Ray without these keys: judge by the nodes alone
+        return False
 
 
 def _node_local(path: str) -> bool:
