@@ -113,8 +113,10 @@ def _sample(args: argparse.Namespace) -> None:
 def _submit(args: argparse.Namespace) -> int:
     import shlex
     import tempfile
+    from pathlib import Path
 
-    from genmodels.cluster import SHIPPED_ARTIFACTS, follow, forwarded_env, job_client, job_runtime_env
+    from genmodels.cluster import (SHIPPED_ARTIFACTS, TERMINAL_OK, check_not_secret, follow, forwarded_env, job_client,
+                                   job_runtime_env)
 
     command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
     if not command:
@@ -123,11 +125,21 @@ def _submit(args: argparse.Namespace) -> int:
         raise ValueError("dvc repro needs the git repository, which a job does not get: run the data stages where the "
                          "data lives (dvc repro prepare featurizer), publish data/shards by URL, and submit training "
                          "(genmodels train gan --shards URL)")
+    env = forwarded_env(args.env)
+    check_not_secret(env, command)
+    tracking = env.get("MLFLOW_TRACKING_URI", "")
+    if not tracking.startswith(("http://", "https://", "databricks")) or "://127.0.0.1" in tracking or "://localhost" in tracking:
+        print(f"submit: warning: MLFLOW_TRACKING_URI={tracking or '(unset)'} is not a server the cluster reaches: the "
+              f"job's runs would go to a store on the head that is deleted with the job", file=sys.stderr)
+    missing = [a for a in SHIPPED_ARTIFACTS if not Path(a).is_dir()]
+    if missing:
+        print(f"submit: warning: {', '.join(missing)} missing here (dvc repro featurizer): a periodic FID would fail",
+              file=sys.stderr)
     client = job_client(args.address)
     with tempfile.TemporaryDirectory(prefix="genmodels-submit-") as staging:
-        runtime_env, size = job_runtime_env(".", staging, forwarded_env(args.env))
+        runtime_env, size = job_runtime_env(".", staging, env)
         print(f"submit: {size / 1e6:.2f} MB to upload (the project's code and {', '.join(SHIPPED_ARTIFACTS)}); "
-              f"environment: {', '.join(runtime_env['env_vars']) or 'none'}", flush=True)
+              f"environment: {', '.join(env) or 'none'}", flush=True)
         job_id = client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env)
     print(f"submit: job {job_id} on {args.address}", flush=True)
     if not args.wait:
@@ -138,7 +150,7 @@ def _submit(args: argparse.Namespace) -> int:
         print(f"submit: stopped following; the job runs on (genmodels jobs stop {job_id} --address {args.address})")
         return 130
     print(f"submit: job {job_id} {status}")
-    return 0 if status == "SUCCEEDED" else 1
+    return 0 if status == TERMINAL_OK else 1
 
 
 def _jobs(args: argparse.Namespace) -> int:
@@ -240,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.run(args)
-    except (ConfigError, ValueError, RuntimeError, FileNotFoundError, ImportError) as err:
+    except (ConfigError, ValueError, RuntimeError, OSError, ImportError) as err:  # OSError: files, network
         print(f"genmodels {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

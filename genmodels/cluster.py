@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import ray
 
@@ -48,15 +49,14 @@ SHARED_PATHS_ENV = "GENMODELS_SHARED_PATHS"
 mount, a shared volume): node-local paths under them are accepted on a multi-node cluster."""
 
 
-def check_shared(paths: dict[str, str]) -> None:
-    """On a cluster of more than one node, refuse node-local paths that workers must open
-    (`paths`: the param or input naming it -> path or URI). A URI (s3://, gs://, http(s)://, a
-    tracking server) or a path under $GENMODELS_SHARED_PATHS is fine; so is any path on one node."""
+def check_shared(paths: dict[str, str | None]) -> None:
+    """On a cluster of more than one node (or with an autoscaler), refuse node-local paths that
+    workers must open (`paths`: the param or input naming it -> path or URI; None is skipped)."""
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     if len(nodes) <= 1 and not _autoscaling():
         return
-    shared = [os.path.abspath(p) for p in os.environ.get(SHARED_PATHS_ENV, "").split(os.pathsep) if p]
-    local = {key: path for key, path in paths.items() if _node_local(path) and not _under(path, shared)}
+    shared = shared_roots()
+    local = node_local_paths(paths, shared)
     if local:
         listed = "; ".join(f"{key} = {path}" for key, path in local.items())
         raise RuntimeError(
@@ -64,8 +64,30 @@ def check_shared(paths: dict[str, str]) -> None:
             f"other nodes cannot open paths on this one: {listed}. "
             f"Use storage every node reaches by URI (train.storage_path: s3://bucket/ray_results, shards over "
             f"http(s):// or s3://, MLFLOW_TRACKING_URI=http://mlflow-server:5000), or declare a directory that every "
-            f"node mounts at the same path with {SHARED_PATHS_ENV}=/mnt/shared"
+            f"node mounts at the same path with {SHARED_PATHS_ENV}=/mnt/shared (declared now: {shared or 'none'})"
         )
+
+
+def shared_roots() -> list[str]:
+    """$GENMODELS_SHARED_PATHS as real paths (symlinked mounts compare equal); relative entries refused."""
+    roots = [p for p in os.environ.get(SHARED_PATHS_ENV, "").split(os.pathsep) if p]
+    relative = [p for p in roots if not os.path.isabs(p)]
+    if relative:
+        raise ValueError(f"{SHARED_PATHS_ENV}: {relative} are relative; give the absolute paths every node mounts")
+    return [os.path.realpath(p) for p in roots]
+
+
+def node_local_paths(paths: dict[str, str | None], shared: list[str]) -> dict[str, str]:
+    """The entries of `paths` that name this node's disk and lie under no `shared` root."""
+    local = {}
+    for key, path in paths.items():
+        scheme = path.split("://", 1)[0].lower() if path and "://" in path else ""
+        if not path or path.startswith("databricks") or scheme not in ("", "file", "sqlite"):
+            continue  # a URI every node reaches (s3://, http(s)://, a tracking server)
+        real = os.path.realpath(path.split("://", 1)[1] if scheme else path)
+        if not any(os.path.commonpath([real, root]) == root for root in shared):
+            local[key] = path
+    return local
 
 
 def _autoscaling() -> bool:
@@ -84,41 +106,54 @@ def _autoscaling() -> bool:
         return False
 
 
-def _node_local(path: str) -> bool:
-    return path.startswith(("sqlite:///", "file://")) or "://" not in path
-
-
-def _under(path: str, roots: list[str]) -> bool:
-    path = os.path.abspath(path.removeprefix("sqlite:///").removeprefix("file://"))
-    return any(os.path.commonpath([path, root]) == root for root in roots)
-
-
 # Job submission (Ray Jobs). The runtime env is stored in the job's info, which the dashboard
 # (no authentication) and `ray job list` show to anyone who reaches them: only these non-secret
 # variables travel with a job; credentials come from the cluster side (node environment, a
 # Kubernetes Secret).
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", SHARED_PATHS_ENV, "GENMODELS_CHAOS")
-_SECRET_WORDS = ("PASSWORD", "SECRET", "TOKEN", "CREDENTIAL", "PRIVATE")
+_SECRET_WORDS = {"PASSWORD", "PASSWD", "PASS", "SECRET", "TOKEN", "KEY", "CREDENTIAL", "CREDENTIALS", "AUTH", "PRIVATE"}
 SHIPPED_ARTIFACTS = ("models/featurizer",)
 """Ignored by git (DVC outputs) but small and needed by the job: added to its working_dir."""
 TERMINAL_OK = "SUCCEEDED"
 
 
+def check_not_secret(env: dict[str, str], command: list[str]) -> None:
+    """Refuse what would show credentials in the job's info: variables named like credentials
+    (by `_`-separated word: API_KEY, DB_PASS; not TOKENIZERS_PARALLELISM) and URLs with a user or
+    password, in the variables or in the command."""
+    for name, value in env.items():
+        if _SECRET_WORDS & set(re.split(r"[_\W]+", name.upper())):
+            raise ValueError(f"--env {name}: looks like a credential; the runtime env is shown by the dashboard and "
+                             f"`ray job list`: give it to the cluster's nodes (environment, Kubernetes Secret) instead")
+    for where, value in [*((f"{name}", v) for name, v in env.items()), *(("the command", arg) for arg in command)]:
+        for url in re.findall(r"[a-z][a-z0-9+.-]*://[^\s/]*@", value, flags=re.I):
+            raise ValueError(f"{where}: a URL with credentials ({url.split('://')[0]}://...@) would be shown by the dashboard "
+                             f"and `ray job list`; set them on the cluster's nodes instead (MLFLOW_TRACKING_USERNAME/PASSWORD, "
+                             f"AWS_* variables, a Kubernetes Secret)")
+
+
 def job_runtime_env(project_dir: str | os.PathLike, staging: str | os.PathLike, env: dict[str, str]) -> tuple[dict, int]:
     """(runtime_env, upload bytes): the project's code (git's view: tracked and untracked files that
     are not ignored, so never .git, .venv or DVC outputs) plus SHIPPED_ARTIFACTS, copied into
-    `staging` as the job's working_dir, and the forwarded variables of `env`."""
+    `staging` as the job's working_dir, and the variables `env` (check_not_secret them first)."""
     import shutil
     import subprocess
     from pathlib import Path
 
     project, staging = Path(project_dir).resolve(), Path(staging)
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=project, check=True, capture_output=True,
+                             text=True).stdout.strip()
         listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=project,
                                 check=True, capture_output=True, text=True).stdout.split("\0")
     except (OSError, subprocess.CalledProcessError) as err:
         raise RuntimeError(f"{project}: genmodels submit ships the project's git-visible files; not a git work tree ({err})") from None
-    files = [project / rel for rel in listed if rel and (project / rel).is_file()]
+    if Path(top).resolve() != project:
+        raise RuntimeError(f"run genmodels submit from the project's root ({top}), not {project}: the job's working dir is the project")
+    # git has filtered already: its ignore files must not travel, or Ray would apply them again and
+    # drop SHIPPED_ARTIFACTS (DVC lists models/featurizer in models/.gitignore)
+    files = [project / rel for rel in listed
+             if rel and (project / rel).is_file() and Path(rel).name not in (".gitignore", ".rayignore")]
     for artifact in SHIPPED_ARTIFACTS:
         if (project / artifact).is_dir():
             files += [p for p in (project / artifact).rglob("*") if p.is_file()]
@@ -126,13 +161,6 @@ def job_runtime_env(project_dir: str | os.PathLike, staging: str | os.PathLike, 
         target = staging / path.relative_to(project)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
-    for name, value in env.items():
-        if any(word in name.upper() for word in _SECRET_WORDS):
-            raise ValueError(f"--env {name}: looks like a credential; the runtime env is shown by the dashboard and "
-                             f"`ray job list`: give it to the cluster's nodes (environment, Kubernetes Secret) instead")
-        if "@" in value.split("://", 1)[-1].split("/", 1)[0]:
-            raise ValueError(f"{name}: {value.split('@')[-1]!r} with credentials in the URL would be shown by the "
-                             f"dashboard; set them on the cluster's nodes instead (MLFLOW_TRACKING_USERNAME/PASSWORD)")
     return {"working_dir": str(staging), "env_vars": dict(env)}, sum(path.stat().st_size for path in files)
 
 
@@ -147,24 +175,36 @@ def forwarded_env(extra: list[str] = ()) -> dict[str, str]:
     return env
 
 
-def job_client(address: str):
-    """A JobSubmissionClient for `address` (http://HOST:8265), with a clear error when unreachable."""
+def job_client(address: str, *, timeout_s: float = 10.0):
+    """A JobSubmissionClient for `address` (http://HOST:8265), or a clear error within `timeout_s`
+    (Ray's client waits on the OS connect timeout, minutes for a blackholed host)."""
+    import urllib.request
+
     from ray.job_submission import JobSubmissionClient
 
     try:
+        with urllib.request.urlopen(f"{address.rstrip('/')}/api/version", timeout=timeout_s):
+            pass
         return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError) as err:
+    except (OSError, ConnectionError, RuntimeError, ValueError) as err:
         raise RuntimeError(f"no Ray job server at {address}: {str(err).splitlines()[0]} (is the head's dashboard "
                            f"running, and reachable from here? The default port is 8265)") from None
 
 
 def follow(client, job_id: str, out=print) -> str:
-    """Stream the job's logs until it ends; return its final status."""
+    """Stream the job's logs until it ends (reconnecting if the stream drops); its final status."""
     import asyncio
+    import time
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):
-            out(lines.rstrip("\n"))
+            out(lines.rstrip("\n"), flush=True)
 
-    asyncio.run(tail())
-    return str(client.get_job_status(job_id).value)
+    while True:
+        asyncio.run(tail())
+        info = client.get_job_info(job_id)
+        if info.status.is_terminal():
+            if str(info.status.value) != TERMINAL_OK and info.message:
+                out(f"job {job_id}: {info.message}", flush=True)
+            return str(info.status.value)
+        time.sleep(1.0)  # the log stream ended before the job: reconnect

@@ -24,7 +24,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from genmodels.config import TrainParams
 from genmodels.data.loader import ShardLoader
@@ -59,10 +59,10 @@ class TrainJob(BaseModel):
     `train.run_name` can still resume across a bug fix."""
     tracking_uri: str
     run_id: str
-    featurizer: dict[str, bytes] = {}
+    featurizer: dict[str, bytes] = Field(default_factory=dict, repr=False)
     """The domain classifier's files (`metrics.features.featurizer_files`), for the periodic GAN
     FID: they travel with the job (Ray's object store), never as a path on the driver's disk."""
-    eval_reference: bytes = b""
+    eval_reference: bytes = Field(default=b"", repr=False)
     """FeatureStats of the reference split in the featurizer's space (`FeatureStats.to_bytes`)."""
     chaos: Chaos | None = None
     """Fault injection (`genmodels.train.chaos`), None unless GENMODELS_CHAOS is set."""

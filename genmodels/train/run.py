@@ -75,7 +75,9 @@ def train(params: Params, family: str, *, shards: str | Path = "data/shards", mo
     ensure_ray()
     with _DriverSignals() as signals:  # after ray.init, whose core worker installs a SIGTERM handler of its own
         preflight(num_workers=params.train.num_workers, cpus_per_worker=params.train.cpus_per_worker, use_gpu=params.train.use_gpu)
-        check_shared({"train.storage_path": resolved.storage, "shards": resolved.job.shards, "tracking store": tracking.uri})
+        check_shared({"train.storage_path": resolved.storage, "shards": resolved.job.shards, "tracking store": tracking.uri,
+                      "tracking artifacts": tracking.artifact_location,
+                      "GENMODELS_CHAOS marker": resolved.job.chaos.marker if resolved.job.chaos else None})
         job = None
         try:
             job, resumed = _open_run(resolved, tracking, project_dir)

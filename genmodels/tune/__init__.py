@@ -93,7 +93,8 @@ def tune(params: Params, family: str, *, shards: str | Path = "data/shards", out
         _check_same_sweep(key_file, key, name)
 
     ensure_ray()
-    check_shared({"train.storage_path": resolved.storage, "shards": resolved.job.shards, "tracking store": tracking.uri})
+    check_shared({"train.storage_path": resolved.storage, "shards": resolved.job.shards, "tracking store": tracking.uri,
+                  "tracking artifacts": tracking.artifact_location})
     concurrency = _concurrency(base, tp.max_concurrent_trials)
     if tp.scheduler == "pbt" and not 2 <= tp.num_samples <= concurrency:
         raise SweepError(f"scheduler pbt runs its population side by side: tune.num_samples ({tp.num_samples}) must be "

@@ -22,7 +22,7 @@ from typing import Iterator
 from tests.integration.mlflow_server import _free_port
 
 START_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 5.0  # `ray start --block` takes ~20 s over SIGTERM; nothing of a test node needs saving
 
 
 def short_temp_dir() -> Path:
@@ -49,26 +49,29 @@ def _ports() -> list[str]:
 
 
 @contextlib.contextmanager
-def ray_head(temp_dir: Path, *, num_cpus: int, env: dict | None = None) -> Iterator[Head]:
+def ray_head(temp_dir: Path, *, num_cpus: int, env: dict | None = None, wrapper: list[str] = ()) -> Iterator[Head]:
     port, dashboard_port = _free_port(), _free_port()
     head = Head(address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard_port}", temp_dir=temp_dir)
-    command = [_ray(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+    command = [*wrapper, _ray(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
                "--num-cpus", str(num_cpus), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(_free_port()),
                "--temp-dir", str(temp_dir), "--disable-usage-stats", *_ports()]
-    with _node(command, temp_dir / "head.log", env) as process:
-        _wait_for(lambda: _answers(f"{head.dashboard}/api/version"), "the head's dashboard", temp_dir / "head.log", process)
-        yield head
+    try:
+        with _node(command, temp_dir / "head.log", env) as process:
+            _wait_for(lambda: _answers(f"{head.dashboard}/api/version"), "the head's dashboard", temp_dir / "head.log", process)
+            yield head
+    finally:
+        kill_leftovers(temp_dir)
 
 
 @contextlib.contextmanager
 def ray_worker_node(head: Head, log: Path, *, num_cpus: int, env: dict | None = None,
-                    wrapper: list[str] = ()) -> Iterator[None]:
+                    wrapper: list[str] = ()) -> Iterator[subprocess.Popen]:
     """A second node joining `head`; `wrapper` runs it inside e.g. `unshare -m sh -c ...`."""
     command = [*wrapper, _ray(), "start", "--block", "--address", head.address, "--node-ip-address", "127.0.0.1",
                "--num-cpus", str(num_cpus), "--disable-usage-stats", *_ports()]
-    with _node(command, log, env):
-        yield
+    with _node(command, log, env) as process:
+        yield process
 
 
 @contextlib.contextmanager
@@ -97,6 +100,23 @@ def _stop(process: subprocess.Popen) -> None:
             continue
 
 
+def kill_leftovers(temp_dir: Path) -> None:
+    """SIGKILL, by pid, processes of this cluster that left its process group: job drivers run in
+    sessions of their own, with the job's working dir (under `temp_dir`) as their cwd."""
+    marker = str(temp_dir)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(proc / "cwd")
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if cwd.startswith(marker) or marker in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -114,3 +134,11 @@ def _wait_for(ready, what: str, log_path: Path, process: subprocess.Popen) -> No
             raise AssertionError(f"{what}: `ray start` exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.25)  # polling a starting server: there is nothing to wait on
     raise AssertionError(f"{what} did not come up in {START_TIMEOUT_S:.0f} s:\n{log_path.read_text()[-3000:]}")
+
+
+def hiding(directories: list[Path]) -> list[str]:
+    """A command prefix that runs the rest in a mount namespace of its own where each directory
+    is an empty tmpfs (what a node of a real cluster sees of another machine's disk)."""
+    mounts = " && ".join(f'mount -t tmpfs none "${i + 1}"' for i in range(len(directories)))
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts} && shift {len(directories)} && exec "$@"',
+            "sh", *map(str, directories)]

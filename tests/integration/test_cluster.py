@@ -10,8 +10,9 @@ import time
 
 import pytest
 
+from genmodels.cli import main
 from tests.integration.mlflow_server import _free_port
-from tests.integration.ray_nodes import ray_head, ray_worker_node, short_temp_dir
+from tests.integration.ray_nodes import hiding, ray_head, ray_worker_node, short_temp_dir
 
 SECRET = "s3cr3t-do-not-show"
 
@@ -29,67 +30,103 @@ def _genmodels(cwd, *args, env=None, timeout=300):
                           env={**os.environ, **(env or {})})
 
 
-def test_submit_streams_logs_returns_the_job_status_and_never_ships_secrets(head, project_copy):
-    secrets = {"MLFLOW_TRACKING_PASSWORD": SECRET, "AWS_SECRET_ACCESS_KEY": SECRET, "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
-    probe = "import os; print('password seen:', os.environ.get('MLFLOW_TRACKING_PASSWORD')); print(os.environ['MLFLOW_TRACKING_URI']); print(sorted(os.listdir('.')))"
-    ok = _genmodels(project_copy, "submit", "--address", head.dashboard, "--", sys.executable, "-c", probe, env=secrets)
-    assert ok.returncode == 0, ok.stdout + ok.stderr
-    size = re.search(r"submit: ([\d.]+) MB to upload", ok.stdout)
-    assert size and float(size.group(1)) < 5, ok.stdout  # the code, not .git, .venv or DVC outputs
-    assert "password seen: None" in ok.stdout and "http://mlflow:5000" in ok.stdout and "SUCCEEDED" in ok.stdout
-    assert "'genmodels'" in ok.stdout and "'.git'" not in ok.stdout  # the working dir is the project's code
-    for listing in (subprocess.run(["ray", "job", "list", "--address", head.dashboard], capture_output=True, text=True),
-                    _genmodels(project_copy, "jobs", "list", "--address", head.dashboard)):
-        assert listing.returncode == 0 and "SUCCEEDED" in listing.stdout + listing.stderr
-        assert SECRET not in listing.stdout + listing.stderr
+@pytest.fixture
+def cli(project_copy, monkeypatch, capsys):
+    """`genmodels ...` in this process, from the project's root: (exit code, stdout, stderr)."""
+    monkeypatch.chdir(project_copy)
 
-    failing = _genmodels(project_copy, "submit", "--address", head.dashboard, "--", sys.executable, "-c",
-                         "import sys; print('about to fail'); sys.exit(3)")
-    assert failing.returncode == 1 and "about to fail" in failing.stdout and "FAILED" in failing.stdout
-    job_id = re.search(r"submit: job (\S+) on", failing.stdout).group(1)
-    logs = _genmodels(project_copy, "jobs", "logs", job_id, "--address", head.dashboard)
-    assert logs.returncode == 0 and "about to fail" in logs.stdout
+    def run(*args):
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
 
-    detached = _genmodels(project_copy, "submit", "--address", head.dashboard, "--no-wait", "--", sys.executable, "-c",
-                          "import time; time.sleep(600)")
-    assert detached.returncode == 0
-    job_id = re.search(r"submit: job (\S+) on", detached.stdout).group(1)
-    assert "stopping" in _genmodels(project_copy, "jobs", "stop", job_id, "--address", head.dashboard).stdout
-    _until(lambda: f"{job_id}  STOPPED" in _genmodels(project_copy, "jobs", "list", "--address", head.dashboard).stdout)
+    return run
 
 
-def test_submit_refuses_credentials_dvc_and_an_unreachable_address(head, project_copy):
-    refused = _genmodels(project_copy, "submit", "--address", head.dashboard, "--env", "DB_PASSWORD=x", "--", "true")
-    assert refused.returncode == 2 and "--env DB_PASSWORD: looks like a credential" in refused.stderr
-    in_url = _genmodels(project_copy, "submit", "--address", head.dashboard, "--", "true",
-                        env={"MLFLOW_TRACKING_URI": f"http://user:{SECRET}@mlflow:5000"})
-    assert in_url.returncode == 2 and "credentials in the URL" in in_url.stderr and SECRET not in in_url.stderr
-    dvc = _genmodels(project_copy, "submit", "--address", head.dashboard, "--", "dvc", "repro")
-    assert dvc.returncode == 2 and "publish data/shards by URL" in dvc.stderr
+def test_submit_streams_logs_returns_the_job_status_and_never_ships_secrets(head, project_copy, cli, monkeypatch):
+    for key, value in {"MLFLOW_TRACKING_PASSWORD": SECRET, "AWS_SECRET_ACCESS_KEY": SECRET,
+                       "MLFLOW_TRACKING_URI": "http://mlflow:5000"}.items():
+        monkeypatch.setenv(key, value)  # the submitter's environment
+    (project_copy / "models" / "featurizer").mkdir(parents=True)
+    (project_copy / "models" / "featurizer" / "weights.pt").write_bytes(b"w" * 1000)
+    (project_copy / "models" / ".gitignore").write_text("/featurizer\n")  # as `dvc repro` writes it
+    probe = ("import os; print('password seen:', os.environ.get('MLFLOW_TRACKING_PASSWORD')); "
+             "print(os.environ['MLFLOW_TRACKING_URI']); print(sorted(os.listdir('.'))); "
+             "print('featurizer:', os.listdir('models/featurizer'))")
+    code, out, err = cli("submit", "--address", head.dashboard, "--", sys.executable, "-c", probe)
+    assert code == 0, out + err
+    size = re.search(r"submit: ([\d.]+) MB to upload", out)
+    assert size and float(size.group(1)) < 5, out  # the code, not .git, .venv or DVC outputs
+    print(f"submission upload: {size.group(1)} MB", file=sys.__stdout__)
+    assert "password seen: None" in out and "http://mlflow:5000" in out and "SUCCEEDED" in out
+    assert "'genmodels'" in out and "'.git'" not in out  # the working dir is the project's code
+    assert "featurizer: ['weights.pt']" in out  # git-ignored by DVC, shipped all the same
+    listed = subprocess.run(["ray", "job", "list", "--address", head.dashboard], capture_output=True, text=True)
+    for text in (listed.stdout + listed.stderr, "".join(cli("jobs", "list", "--address", head.dashboard)[1:])):
+        assert "SUCCEEDED" in text and SECRET not in text
+
+    code, out, _ = cli("submit", "--address", head.dashboard, "--", sys.executable, "-c",
+                       "import sys; print('about to fail'); sys.exit(3)")
+    assert code == 1 and "about to fail" in out and "FAILED" in out
+    job_id = re.search(r"submit: job (\S+) on", out).group(1)
+    code, out, _ = cli("jobs", "logs", job_id, "--address", head.dashboard)
+    assert code == 0 and "about to fail" in out
+
+    code, out, _ = cli("submit", "--address", head.dashboard, "--no-wait", "--", sys.executable, "-c", "import time; time.sleep(600)")
+    assert code == 0
+    job_id = re.search(r"submit: job (\S+) on", out).group(1)
+    assert "stopping" in cli("jobs", "stop", job_id, "--address", head.dashboard)[1]
+    _until(lambda: f"{job_id}  STOPPED" in cli("jobs", "list", "--address", head.dashboard)[1])
+
+
+def test_submit_refuses_credentials_dvc_and_an_unreachable_address(head, cli, monkeypatch):
+    code, _, err = cli("submit", "--address", head.dashboard, "--env", "DB_PASSWORD=x", "--", "true")
+    assert code == 2 and "--env DB_PASSWORD: looks like a credential" in err
+    code, _, err = cli("submit", "--address", head.dashboard, "--", "genmodels", "train", "gan", "--shards",
+                       f"https://user:{SECRET}@data/shards")
+    assert code == 2 and "the command: a URL with credentials" in err and SECRET not in err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:{SECRET}@mlflow:5000")
+    code, _, err = cli("submit", "--address", head.dashboard, "--", "true")
+    assert code == 2 and "MLFLOW_TRACKING_URI: a URL with credentials" in err and SECRET not in err
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    code, _, err = cli("submit", "--address", head.dashboard, "--", "dvc", "repro")
+    assert code == 2 and "publish data/shards by URL" in err
     started = time.monotonic()
-    nobody = _genmodels(project_copy, "submit", "--address", f"http://127.0.0.1:{_free_port()}", "--", "true")
-    assert nobody.returncode == 2 and "no Ray job server at" in nobody.stderr
-    assert time.monotonic() - started < 30
+    code, _, err = cli("submit", "--address", f"http://127.0.0.1:{_free_port()}", "--", "true")
+    assert code == 2 and "no Ray job server at" in err and time.monotonic() - started < 30
 
 
-def test_a_submitted_two_node_ddp_run_needs_nothing_from_the_drivers_disk(tmp_path, project_copy, mnist_shards,
-                                                                          quick_featurizer, mlflow_url):
-    """Two Ray nodes of one CPU each, so the two DDP workers land on different nodes. The second
-    runs in its own mount namespace where tmpfs hides the project, the shards' directory and the
-    head's temp dir: a worker that opens a path of the driver's finds an empty directory, as on
-    a real cluster. Shared storage stands in for S3 here: a directory both nodes see, declared
-    with GENMODELS_SHARED_PATHS (S3 itself is the loader's and pyarrow's concern)."""
+@pytest.fixture
+def shared_dir():
+    """Outside pytest's base temp dir, which the second node hides."""
+    path = short_temp_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_submitted_two_node_ddp_run_needs_nothing_from_the_drivers_disk(tmp_path, tmp_path_factory, project_copy,
+                                                                          mnist_shards, quick_featurizer, mlflow_url,
+                                                                          shared_dir, repo_root):
+    """Two Ray nodes of one CPU each, so the two DDP workers land on different nodes, each in a
+    mount namespace of its own where tmpfs hides what a real node would not have: everything this
+    test session wrote (the project with its data, models, metrics and caches, the shards, the
+    MLflow server's files), this repository's code, and for the second node the head's Ray temp
+    dir, where the job's driver runs. A path of the submitter's or the driver's opened on a node
+    finds an empty directory, as on a real cluster; the venv stays visible, as a node's own
+    install. A directory both nodes see stands in for S3, declared with GENMODELS_SHARED_PATHS
+    (s3:// itself is tested in test_loader against moto)."""
     from mlflow import MlflowClient
     from ray.util.state import list_actors, list_nodes
 
     shutil.copytree(quick_featurizer, project_copy / "models" / "featurizer")
-    shared = tmp_path / "shared"
-    shared.mkdir()
+    (project_copy / "models" / ".gitignore").write_text("/featurizer\n")  # as `dvc repro` leaves it
+    shared = shared_dir
     head_dir = short_temp_dir()  # the worker node uses the same path, under its tmpfs
-    hidden = [project_copy, mnist_shards.parent, head_dir]
-    unshare = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-               " && ".join(f'mount -t tmpfs none "${i + 1}"' for i in range(len(hidden))) + f" && shift {len(hidden)} && exec \"$@\"",
-               "sh", *map(str, hidden)]
+    # Both nodes hide everything this test session wrote (the project copy the submission came
+    # from included: the driver runs on the head from the job's working dir) and this repository's
+    # own genmodels (the venv's editable install points there): the nodes run the code the job
+    # brought. The worker node also hides the head's Ray temp dir, where the driver runs.
+    session, code = tmp_path_factory.getbasetemp(), repo_root / "genmodels"
     port = _free_port()
     shards = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
                                str(mnist_shards)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -102,9 +139,13 @@ def test_a_submitted_two_node_ddp_run_needs_nothing_from_the_drivers_disk(tmp_pa
                  for arg in ("--set", setting)]]
     started = time.monotonic()
     try:
-        with ray_head(head_dir, num_cpus=1) as head, \
-                ray_worker_node(head, tmp_path / "worker.log", num_cpus=1, wrapper=unshare):
-            _until(lambda: len([n for n in list_nodes(address=head.dashboard) if n.state == "ALIVE"]) == 2)
+        with ray_head(head_dir, num_cpus=1, wrapper=hiding([session, code])) as head, \
+                ray_worker_node(head, tmp_path / "worker.log", num_cpus=1, wrapper=hiding([session, code, head_dir])) as worker:
+            def joined():
+                assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+                return len([n for n in list_nodes(address=head.dashboard) if n.state == "ALIVE"]) == 2
+
+            _until(joined)
             job = _genmodels(project_copy, "submit", "--address", head.dashboard, "--", *command, timeout=600,
                              env={"MLFLOW_TRACKING_URI": mlflow_url, "GENMODELS_SHARED_PATHS": str(shared)})
             workers = list_actors(address=head.dashboard, filters=[("class_name", "=", "RayTrainWorker")], detail=True)
