@@ -7,7 +7,6 @@ to that cluster.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -91,18 +90,14 @@ def node_local_paths(paths: dict[str, str | None], shared: list[str]) -> dict[st
 
 
 def _autoscaling() -> bool:
-    """Whether an autoscaler may add nodes, from Ray's own status keys in the GCS (private API,
-    hence the guard): v2 sets a flag; v1's monitor reports an `autoscaler_report` only when it
-    has an autoscaling config (a plain `ray start --head` monitor has none)."""
+    """Whether Ray's autoscaler v2 runs (KubeRay, `ray up`), from the flag it sets in the GCS
+    (a private key, hence the guard). Autoscaler v1 leaves no such flag: its status report
+    looks the same as that of a plain local Ray, so a v1 cluster counts by its nodes alone."""
     try:
-        from ray._private import ray_constants
         from ray.experimental.internal_kv import _internal_kv_get
 
-        if _internal_kv_get(ray._raylet.GCS_AUTOSCALER_V2_ENABLED_KEY) == b"1":
-            return True
-        status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-        return bool(status) and not {"autoscaler_report", "autoscaler_update_time"}.isdisjoint(json.loads(status))
-    except Exception:  # a Ray without these keys: judge by the nodes alone
+        return _internal_kv_get(ray._raylet.GCS_AUTOSCALER_V2_ENABLED_KEY) == b"1"
+    except Exception:  # a Ray without this key: judge by the nodes alone
         return False
 
 
