@@ -50,7 +50,8 @@ def promote(params: Params, family: str, *, version: int | None = None, margin: 
         target = str(version) if version is not None else current.get(CANDIDATE)
         if target is None:
             raise PromotionRefused(f"{name} has no {CANDIDATE} alias; name a version with --version")
-        value = _gate_value(_version(client, name, target), spec.gate_metric)
+        candidate = _version(client, name, target)
+        value = _gate_value(candidate, spec.gate_metric)
         if value is not None and not math.isfinite(value):
             raise PromotionRefused(f"{name} v{target}: {spec.gate_metric} is {value}: a diverged model is never promoted")
         previous = current.get(CHAMPION)
@@ -62,7 +63,7 @@ def promote(params: Params, family: str, *, version: int | None = None, margin: 
             passed, text = True, f"{text}, no {CHAMPION} yet"
         else:
             champion = _version(client, name, previous)
-            _check_same_protocol(_version(client, name, target), champion, target, previous)
+            _check_same_protocol(candidate, champion, target, previous)
             best = _gate_value(champion, spec.gate_metric)
             if value is None or best is None:
                 raise PromotionRefused(f"{name} v{target if value is None else previous} has no eval.{spec.gate_metric} "
