@@ -14,7 +14,7 @@ export RAY_AUTH_MODE ?= disabled
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: install run test bench clean FORCE
+.PHONY: install run test browser bench clean FORCE
 
 install: $(STAMP)
 
@@ -36,9 +36,17 @@ $(VENV)/.torch-spec: FORCE
 
 run: install
 	dvc repro
+	@genmodels status
 
-test: install
+test: install browser
 	python -m pytest
+
+# The report test drives a real headless Chromium: Debian's packages, never a downloaded build.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  test "$$(id -u)" = 0 || { echo "make test needs chromium and chromedriver: sudo apt-get install chromium chromium-driver" >&2; exit 1; }; \
+	  apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; }; }
 
 bench: install
 	python bench/data.py

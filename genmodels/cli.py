@@ -8,6 +8,8 @@
     genmodels register gan|vae                 # MLflow model version + alias candidate (champion if none)
     genmodels promote gan|vae [--version N] [--margin X] [--dry-run] [--rollback]
     genmodels sample models:/genmodels-gan@champion -n 64 -o grid.png
+    genmodels status                           # what is trained, evaluated, registered; where to look
+    genmodels report [-o report.html]          # samples, real images, curves, metrics: one HTML page
     genmodels submit --address http://HEAD:8265 -- genmodels train gan --shards http://data/shards
     genmodels jobs list|logs ID|stop ID --address http://HEAD:8265
 """
@@ -15,9 +17,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from genmodels.config import ConfigError, load_params
+from genmodels.progress import VERBOSE_ENV, quiet_libraries
 
 
 # Families are looked up (and unknown names refused, listing the known ones) by the subcommand:
@@ -108,6 +112,23 @@ def _sample(args: argparse.Namespace) -> None:
 
     out = sample(args.model_uri, num_images=args.num_images, out=args.out, seed=args.seed, truncation=args.truncation)
     print(f"sample: {args.num_images} images of {args.model_uri} -> {out}")
+
+
+def _status(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from genmodels.config import parse_params
+    from genmodels.status import status
+
+    # A project that has nothing yet may have no params file either: the defaults name its models.
+    print(status(_params(args) if Path(args.params).is_file() else parse_params({})))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from genmodels.report import write_report
+
+    families = write_report(_params(args), args.out)
+    print(f"report: {', '.join(families)} -> {args.out}")
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -238,18 +259,30 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("job_id", nargs="?")
     jobs.add_argument("--address", required=True, help="the Ray job server (the head's dashboard, port 8265)")
     jobs.set_defaults(run=_jobs)
-    for sub in (prepare, featurizer, train, tune, evaluate, register, promote):
+    status = commands.add_parser("status", help="what is trained, evaluated and registered, and where to look next")
+    status.set_defaults(run=_status)
+    report = commands.add_parser("report", help="one self-contained HTML page: samples beside real images, curves, "
+                                 "the evaluation and its protocol, lineage")
+    report.add_argument("-o", "--out", default="report.html")
+    report.set_defaults(run=_report)
+    for sub in (prepare, featurizer, train, tune, evaluate, register, promote, status, report):
         sub.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         sub.add_argument("--overlay", action="append", default=[], metavar="FILE",
                          help="params fragment merged over --params, e.g. tune/gan_best.yaml (repeatable)")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a param, e.g. prepare.image_size=32 (value parsed as YAML)")
     prepare.set_defaults(run=_prepare)
+    for sub in commands.choices.values():
+        sub.add_argument("-v", "--verbose", action="store_true",
+                         help=f"show Ray's own progress and INFO lines (or set {VERBOSE_ENV}=1)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # read by genmodels.progress here and in the Ray workers this process starts
+    quiet_libraries()
     try:
         code = args.run(args)
     except (ConfigError, ValueError, RuntimeError, OSError, ImportError) as err:  # OSError: files, network

@@ -13,6 +13,8 @@ import re
 
 import ray
 
+from genmodels.progress import local_ray_env
+
 
 def ensure_ray() -> None:
     if ray.is_initialized():
@@ -22,7 +24,9 @@ def ensure_ray() -> None:
     else:
         # The dashboard serves Ray's state API: without it Train's placement-group cleaner cannot
         # tell a dead controller from a live one (placement groups leak), and `ray job submit` has
-        # nothing to talk to.
+        # nothing to talk to. Its workers inherit this process's environment.
+        for key, value in local_ray_env().items():
+            os.environ.setdefault(key, value)
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
 
 

@@ -154,15 +154,19 @@ def extract_features(extractor: Extractor, images: torch.Tensor, batch_size: int
 
 
 def train_domain_classifier(train_loader, val_loader, *, channels: int, num_classes: int, num_epochs: int, lr: float,
-                            seed: int, width: int = 32, feature_dim: int = 128) -> tuple[DomainClassifier, float]:
-    """Plain single-process training (a few seconds per epoch on mnist5k); returns (model, val accuracy)."""
+                            seed: int, width: int = 32, feature_dim: int = 128,
+                            on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> tuple[DomainClassifier, float]:
+    """Plain single-process training (a few seconds per epoch on mnist5k); returns (model, val
+    accuracy). `on_epoch(epochs_done, {"loss": train loss, "val_acc": accuracy})` after each epoch."""
     torch.manual_seed(seed)
     model = DomainClassifier(channels=channels, num_classes=num_classes, width=width, feature_dim=feature_dim)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=num_epochs * len(train_loader))
+    accuracy = 0.0
     for epoch in range(num_epochs):
         model.train()
         train_loader.set_epoch(epoch)
+        losses = []
         for images, labels in train_loader:
             # Random shifts of up to 2 px (per group of 8 images): 4.5k digits overfit without them.
             images = torch.cat([torch.roll(group, shifts=tuple(torch.randint(-2, 3, (2,)).tolist()), dims=(2, 3))
@@ -172,11 +176,18 @@ def train_domain_classifier(train_loader, val_loader, *, channels: int, num_clas
             loss.backward()
             opt.step()
             sched.step()
+            losses.append(loss.detach())
+        accuracy = _accuracy(model, val_loader)  # draws no random numbers: the next epoch's shifts are unchanged
+        if on_epoch is not None:
+            on_epoch(epoch + 1, {"loss": torch.stack(losses).mean().item(), "val_acc": accuracy})
+    return model, accuracy
+
+
+@torch.no_grad()
+def _accuracy(model: DomainClassifier, val_loader) -> float:
     model.eval()
     correct = total = 0
-    with torch.no_grad():
-        for images, labels in val_loader:
-            correct += (model(images).argmax(1) == labels).sum().item()
-            total += len(labels)
-    return model, correct / total
-
+    for images, labels in val_loader:
+        correct += (model(images).argmax(1) == labels).sum().item()
+        total += len(labels)
+    return correct / total

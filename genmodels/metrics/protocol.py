@@ -101,6 +101,11 @@ def protocol_signature(extractor: Extractor, reference: Reference, params: Evalu
             "iwae_num_samples": iwae_num_samples, "recon_num_generated": recon_num_generated, "seed": params.seed}
 
 
+def signature_sha256(signature: dict) -> str:
+    """The protocol's identity: two records compare when their signatures' digests are equal."""
+    return hashlib.sha256(json.dumps({k: signature.get(k) for k in SIGNATURE_KEYS}, sort_keys=True).encode()).hexdigest()
+
+
 def check_comparable(a: dict, b: dict) -> None:
     """Raise unless records `a` and `b` (each with a "signature") were measured the same way."""
     differing = [k for k in SIGNATURE_KEYS if a["signature"].get(k) != b["signature"].get(k)]

@@ -16,6 +16,7 @@ from genmodels.data.loader import ShardLoader
 from genmodels.data.shards import SPLITS, Manifest, iter_samples, load_manifest, read_shard
 from genmodels.files import file_sha256, replace_dir, staging_dir, write_text
 from genmodels.metrics.features import train_domain_classifier
+from genmodels.progress import Progress
 
 
 def train_featurizer(params: FeaturizerParams, shards: str | Path, out_dir: str | Path, metrics_path: str | Path) -> dict:
@@ -33,9 +34,11 @@ def train_featurizer(params: FeaturizerParams, shards: str | Path, out_dir: str 
         raise ValueError(f"{manifest.location}: the val split is empty; set prepare.val_fraction > 0 to measure the featurizer")
     train = ShardLoader(manifest, "train", batch_size_per_worker=params.batch_size, seed=params.seed)
     val = ShardLoader(manifest, "val", batch_size_per_worker=num_val, shuffle=False)
-    model, accuracy = train_domain_classifier(train, val, channels=manifest.channels, num_classes=len(manifest.classes),
-                                              num_epochs=params.num_epochs, lr=params.lr, seed=params.seed,
-                                              width=params.width, feature_dim=params.feature_dim)
+    with Progress("featurizer", params.num_epochs, unit="epoch") as progress:
+        progress.update(0, start=True)
+        model, accuracy = train_domain_classifier(train, val, channels=manifest.channels, num_classes=len(manifest.classes),
+                                                  num_epochs=params.num_epochs, lr=params.lr, seed=params.seed,
+                                                  width=params.width, feature_dim=params.feature_dim, on_epoch=progress.update)
     if accuracy < params.min_val_accuracy:
         raise RuntimeError(f"featurizer: val accuracy {accuracy:.4f} < featurizer.min_val_accuracy {params.min_val_accuracy}; "
                            "train longer (featurizer.num_epochs) or lower the bar")

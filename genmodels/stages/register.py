@@ -22,7 +22,6 @@ import io
 import json
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ import torch
 from genmodels.config import Params
 from genmodels.families import Family, load_exported
 from genmodels.files import file_sha256, write_text
-from genmodels.metrics.protocol import SIGNATURE_KEYS
+from genmodels.metrics.protocol import SIGNATURE_KEYS, signature_sha256
 
 GENERATOR_CODE = Path(__file__).resolve().parents[1] / "tracking" / "generator_model.py"
 MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
@@ -68,9 +67,7 @@ def register(params: Params, family: str, *, models_dir: str | Path = "models", 
     tags = version_tags(spec, exported, record, training.data.tags, project_dir)
 
     mlflow.set_tracking_uri(run["tracking_uri"])
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # predict is typed by the signature (columns, params), not by type hints
-        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+    with tempfile.TemporaryDirectory() as tmp:
         artifacts, code = _bundle(spec, exported, Path(tmp))
         # Model.log takes the run id: the finished training run is not reopened (its status and end time stay)
         info = mlflow.models.Model.log(
@@ -140,10 +137,6 @@ def version_tags(spec: Family, exported, record: dict, run_tags: dict, project_d
     if too_long:
         raise RegisterError(f"model version tags {too_long} exceed {TAG_VALUE_MAX_CHARS} characters")
     return tags
-
-
-def signature_sha256(signature: dict) -> str:
-    return hashlib.sha256(json.dumps({k: signature.get(k) for k in SIGNATURE_KEYS}, sort_keys=True).encode()).hexdigest()
 
 
 def _dvc_train_stage(project_dir: Path, family: str, exported) -> str:

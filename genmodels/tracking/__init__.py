@@ -16,6 +16,7 @@ inside the functions: `import mlflow` takes 2-3 s, and the CLI and unit tests ne
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -49,6 +50,30 @@ class TrackingError(RuntimeError):
 class Tracking:
     uri: str  # tracking URI, absolute for local stores so every process opens the same file
     artifact_location: str | None  # explicit experiment artifact root, or None to let a remote server decide
+
+
+def store_exists(uri: str) -> bool:
+    """False for an sqlite store whose file is missing: opening it would create an empty one."""
+    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
+
+
+@contextlib.contextmanager
+def impatient_requests(timeout_s: int = 5):
+    """For commands that only look (status, report): one try per request, `timeout_s` each, instead
+    of MLflow's 7 retries with back-off (minutes per call against a server that is down). Settings
+    the user made win."""
+    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.setdefault(names[0], "0")
+    os.environ.setdefault(names[1], str(timeout_s))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def resolve_tracking(project_dir: Path) -> Tracking:

@@ -28,6 +28,7 @@ import pickle
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
@@ -64,7 +65,9 @@ class Generator(PythonModel):
         self.model.load_state_dict(load_weights(context.artifacts["weights"], self.spec["weights_sha256"]))
         self.model.eval().requires_grad_(False)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        # A DataFrame hint: MLflow infers nothing from it (the logged signature types the input) and
+        # stops asking for type hints.
         fmt = (params or {}).get("format") or "raw"
         if fmt not in FORMATS:
             raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")

@@ -1,0 +1,1 @@
+"""Training: the Ray Train worker loop (loop.py), its driver (run.py), checkpoints, DDP helpers."""

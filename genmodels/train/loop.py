@@ -30,6 +30,7 @@ from genmodels.config import TrainParams
 from genmodels.data.loader import ShardLoader
 from genmodels.data.transforms import image_grid
 from genmodels.families import FAMILIES, get_family
+from genmodels.progress import quiet_train_worker, send
 from genmodels.train.chaos import Chaos
 from genmodels.train.checkpoint import StartFrom, bundle_dir, load_latest, weights_digest
 from genmodels.train.ddp import Precision
@@ -99,6 +100,8 @@ def code_digest() -> str:
 
 def train_loop_per_worker(config: dict) -> dict:
     job: TrainJob = config["job"]
+    if not config.get("verbose"):
+        quiet_train_worker()
     params, family = job.params, get_family(job.family)
     num_steps = family.params(params).num_steps
     ctx = ray.train.get_context()
@@ -119,6 +122,7 @@ def train_loop_per_worker(config: dict) -> dict:
                          num_workers=params.loader_workers, seed=params.seed)
     start_from: StartFrom | None = config.get("start_from")
     gate = config.get("tune_gate")
+    progress = config.get("progress") if rank == 0 else None  # `genmodels.progress.channel` to the driver
 
     attempt, reports = uuid.uuid4().hex, itertools.count()
 
@@ -140,6 +144,8 @@ def train_loop_per_worker(config: dict) -> dict:
     else:
         restored = load_latest(own, task.state(), rank=rank, config=job.identity())
     step = restored["step"]
+    if progress is not None:
+        send(progress, {"step": step, "start": True})
     if step >= num_steps and restored["metrics"]:
         report(restored["metrics"])  # a finished run rerun (a sweep restored after it ended) reports its result again
 
@@ -157,7 +163,8 @@ def train_loop_per_worker(config: dict) -> dict:
             if job.chaos:
                 job.chaos.at_step(rank, step)
             done = step == num_steps
-            if step % params.log_every_steps == 0 or done:
+            logged = step % params.log_every_steps == 0 or done
+            if logged:
                 means = sums / count
                 if world_size > 1:
                     dist.all_reduce(means)  # every rank's batches, not rank 0's alone
@@ -182,6 +189,8 @@ def train_loop_per_worker(config: dict) -> dict:
                 reported.update(evaluated)
                 if logger:
                     logger.log_metrics(evaluated, step)
+            if progress is not None and (logged or evaluate):
+                send(progress, {"step": step, **reported})
             if checkpoint:
                 metrics = {"step": step, **reported}
                 with bundle_dir(task.state(), rank=rank, step=step, epoch=epoch, config=job.identity(), run_id=job.run_id,

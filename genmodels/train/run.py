@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from genmodels.config import Params
 from genmodels.data.shards import Manifest, load_manifest, manifest_sha256
 from genmodels.families import FAMILIES, Family, get_family
 from genmodels.files import file_sha256, write_bytes, write_text
+from genmodels.progress import Progress, channel, follow, send, train_display, train_logging
+from genmodels.progress import verbose as progress_verbose
 from genmodels.train.chaos import Chaos
 from genmodels.train.checkpoint import StartFrom, read_exported
 from genmodels.train.loop import TrainJob, code_digest, train_loop_per_worker
@@ -81,6 +84,9 @@ def train(params: Params, family: str, *, shards: str | Path = "data/shards", mo
         job = None
         try:
             job, resumed = _open_run(resolved, tracking, project_dir)
+            tp = job.params
+            print(f"train {family}: run {resolved.run_name!r} ({'resumed' if resumed else 'new'}), {tp.num_workers} worker(s), "
+                  f"{spec.params(tp).num_steps} steps; MLflow run {job.run_id} in {tracking.uri}", flush=True)
             result, wall_s = _fit(job, resolved, signals)
             signals.deferred = True  # a signal now lets the export finish whole, then counts
             step = _export(spec, result, resolved, job, Path(models_dir))
@@ -156,10 +162,15 @@ def _open_run(resolved: _Resolved, tracking, project_dir: Path) -> tuple[TrainJo
 def _fit(job: TrainJob, resolved: _Resolved, signals: _DriverSignals):
     from ray.train import TrainingFailedError
 
-    trainer = make_trainer(job, name=resolved.run_name, storage=resolved.storage, trainer_class=_trainer_class(signals))
+    spec = get_family(job.family)
     start = time.perf_counter()
+    queue = channel()
     try:
-        result = trainer.fit()
+        with follow(queue, Progress(f"train {job.family}", spec.params(job.params).num_steps),
+                    train_display(spec.curve_keys, spec.metric)):
+            trainer = make_trainer(job, name=resolved.run_name, storage=resolved.storage, trainer_class=_trainer_class(signals),
+                                   progress=queue)
+            result = trainer.fit()
     except TrainingFailedError as err:
         if signals.received:
             raise  # aborted by a signal: `train` reports the signal, not the abort
@@ -172,23 +183,48 @@ def _fit(job: TrainJob, resolved: _Resolved, signals: _DriverSignals):
 
 
 def make_trainer(job: TrainJob, *, name: str, storage: str, trainer_class=None, callbacks: list | tuple = (),
-                 start_from: StartFrom | None = None, tune_gate=None):
+                 start_from: StartFrom | None = None, tune_gate=None, progress=None, verbose: bool | None = None):
     """The Ray Train run of `job`, named `name` under `storage` (the same name resumes from its latest
     checkpoint); `genmodels train` and every Tune trial build theirs here. A trial also passes the
     checkpoint it starts from and the queue that holds rank 0 after each report until Tune has
-    taken it (`genmodels.tune.trial`)."""
+    taken it (`genmodels.tune.trial`); `genmodels train` the queue its progress display reads
+    (`genmodels.progress`). Ray Train's own INFO lines show only when `verbose` (default:
+    GENMODELS_VERBOSE)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     tp = job.params
+    verbose = progress_verbose() if verbose is None else verbose
+    callbacks = [*callbacks, _worker_failures(progress, f"train {job.family}")]
     resources = {"CPU": tp.cpus_per_worker, **({"GPU": 1} if tp.use_gpu else {})}
     return (trainer_class or TorchTrainer)(
         train_loop_per_worker,
-        train_loop_config={"job": job, "start_from": start_from, "tune_gate": tune_gate},
+        train_loop_config={"job": job, "start_from": start_from, "tune_gate": tune_gate, "progress": progress,
+                           "verbose": verbose},
         scaling_config=ScalingConfig(num_workers=tp.num_workers, use_gpu=tp.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=tp.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=tp.num_checkpoints_kept), callbacks=list(callbacks)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=tp.num_checkpoints_kept), callbacks=list(callbacks),
+                           logging_config=train_logging(verbose)),
     )
+
+
+def _worker_failures(progress, title: str):
+    """A Train callback (it runs in Train's controller) that says which rank failed and why: Train
+    logs a failure it retries (`train.max_failures`) at INFO only, which is not shown when quiet.
+    To the progress display when there is one, else to the controller's stderr, which Ray streams
+    to the driver."""
+    from ray.train import UserCallback
+
+    class WorkerFailures(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            for rank, err in sorted(worker_exceptions.items()):
+                text = f"{title}: rank {rank} failed: {repr(err)[:2000]}"
+                if progress is None:
+                    print(text, file=sys.stderr, flush=True)
+                else:
+                    send(progress, {"say": text})
+
+    return WorkerFailures()
 
 
 def worker_error(err: Exception) -> str:

@@ -39,6 +39,7 @@ from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 from genmodels.cluster import check_shared, ensure_ray, preflight
 from genmodels.config import Distribution, Params, apply_overrides, check_space
 from genmodels.families import Family, get_family
+from genmodels.progress import number, verbose
 from genmodels.tune.trial import Sweep, run_trial
 
 
@@ -125,10 +126,10 @@ def tune(params: Params, family: str, *, shards: str | Path = "data/shards", out
                 tuner = ray_tune.Tuner(trainable, param_space={k: _domain(d) for k, d in space.items()},
                                        tune_config=_tune_config(tp, space, metric, mode, budget, concurrency),
                                        run_config=ray_tune.RunConfig(name=name, storage_path=resolved.storage,
-                                                                     callbacks=[ChildRuns(sweep, budget)],
+                                                                     callbacks=[ChildRuns(sweep, budget), TrialEvents(sweep, budget, tp.num_samples)],
                                                                      checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=4),  # PBT's donors (a copy each)
                                                                      failure_config=ray_tune.FailureConfig(max_failures=0),
-                                                                     verbose=1))
+                                                                     verbose=2 if verbose() else 0))
             results = tuner.fit()
             if signals.received:
                 raise KeyboardInterrupt
@@ -350,6 +351,39 @@ class ChildRuns(Callback):
         text = error.read_text(errors="replace") if error and error.is_file() else "see the trial's error file"
         self._finish(trial, "FAILED", {"tune.error": text[-1000:]})  # a traceback ends with the message
 
+
+
+class TrialEvents(Callback):
+    """On the driver: one line per trial event (started, finished, stopped early, failed), in place
+    of Tune's status tables (shown with --verbose)."""
+
+    def __init__(self, sweep: Sweep, budget: int, num_trials: int):
+        self.sweep, self.budget, self.num_trials = sweep, budget, num_trials
+
+    def _say(self, trial, text: str) -> None:
+        print(f"tune {self.sweep.job.family}: trial {trial.trial_id} {text}", flush=True)
+
+    def _ended(self, trials, trial) -> str:
+        ended = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")} | {trial.trial_id}
+        return f"({len(ended)} of {self.num_trials} trials ended)"
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        values = ", ".join(f"{k.split('.')[-1]} {_shown(trial.config.get(k))}" for k in self.sweep.keys)
+        self._say(trial, f"started: {values}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        step, value = int(result.get("step", 0)), result.get(self.sweep.metric)
+        how = "finished" if step >= self.budget else "stopped early"
+        metric = f": {self.sweep.metric} {_shown(value)}" if value is not None else ""
+        self._say(trial, f"{how} at step {step}{metric} {self._ended(trials, trial)}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._say(trial, f"failed {self._ended(trials, trial)}; its error: {trial.error_file or '?'}")
+
+
+def _shown(value) -> str:
+    return number(value) if isinstance(value, float) else str(value)
 
 
 def _close_children(sweep: Sweep, status: str) -> None:

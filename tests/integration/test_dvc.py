@@ -58,6 +58,7 @@ def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
     assert "metrics/featurizer.json" in shown and "val_accuracy" in shown
     assert (project_copy / "mlruns.db").exists() and (project_copy / "mlartifacts").is_dir()
     _registered_with_both_aliases(project_copy)
+    _status_and_report_of_the_finished_pipeline(project_copy)
     lock = (project_copy / "dvc.lock").read_text()
 
     again = _run(project_copy, "dvc", "repro")
@@ -78,12 +79,16 @@ def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
 
     _run(project_copy, "git", "add", "-A")
     _run(project_copy, "git", "commit", "-q", "-m", "baseline")
-    _run(project_copy, "dvc", "exp", "run", "-S", "prepare.image_size=32")
-    assert "metrics/eval_gan.json" in _run(project_copy, "dvc", "metrics", "diff")  # the new numbers vs the baseline commit
-    manifest = json.loads((project_copy / "data/shards/manifest.json").read_text())
-    assert manifest["image_size"] == 32 and manifest["params"]["image_size"] == 32
-    assert "image_size: 32" in (project_copy / "params.yaml").read_text()
-    assert json.loads((project_copy / "models/gan/config.json").read_text())["image_size"] == 32
+    # A train param reruns that family's train, evaluate and register only (a prepare param would
+    # rerun the whole pipeline; how prepare's params reach the data is test_prepare's subject).
+    out = _run(project_copy, "dvc", "exp", "run", "-S", "train.gan.num_steps=6")
+    assert "Running stage 'train@gan'" in out and "Running stage 'register@gan'" in out
+    assert "Running stage 'prepare'" not in out and "Running stage 'train@vae'" not in out
+    diff = _run(project_copy, "dvc", "metrics", "diff")  # the new numbers vs the baseline commit
+    assert "metrics/eval_gan.json" in diff and "metrics/train_gan.json" in diff and "metrics/eval_vae.json" not in diff
+    assert "num_steps: 6" in (project_copy / "params.yaml").read_text()
+    assert json.loads((project_copy / "models/gan/config.json").read_text())["gan"]["num_steps"] == 6
+    assert json.loads((project_copy / "metrics/train_gan.json").read_text())["step"] == 6
 
 
 def _registered_with_both_aliases(project):
@@ -101,6 +106,42 @@ def _registered_with_both_aliases(project):
         tags = client.get_model_version(registered["name"], "1").tags
         stage = hashlib.sha256(json.dumps(lock[f"train@{family}"], sort_keys=True).encode()).hexdigest()
         assert tags["dvc.train_stage"] == stage and tags["git.commit"] != "unknown"
+
+
+def _status_and_report_of_the_finished_pipeline(project):
+    """`genmodels status` names each family's numbers, protocol, run and aliases; the report page
+    renders in a real headless Chromium with every picture loaded, and evaluate logged it to MLflow."""
+    from mlflow import MlflowClient
+
+    from genmodels.metrics.protocol import signature_sha256
+    from genmodels.progress import number
+    from tests.browser import render
+
+    out = _run(project, "genmodels", "status")
+    for family in ("gan", "vae"):
+        record = json.loads((project / f"metrics/eval_{family}.json").read_text())
+        run = json.loads((project / f"models/{family}/mlflow.json").read_text())
+        assert f"fid {number(record['fid'])} ± {number(record['fid_bootstrap_std'])}" in out, out
+        assert f"protocol {signature_sha256(record['signature'])[:12]}" in out, out
+        assert f"MLflow run {run['run_id']} (FINISHED)" in out, out
+        assert f"registry genmodels-{family}: v1 candidate+champion" in out, out
+        assert f"genmodels sample models:/genmodels-{family}@champion" in out
+        logged = {a.path for a in MlflowClient(run["tracking_uri"]).list_artifacts(run["run_id"])}
+        assert "report.html" in logged, logged
+    assert "mlflow ui --backend-store-uri sqlite:///mlruns.db" in out and "dvc plots show" in out
+    assert "measured on other weights" not in out
+
+    page, shot = project.parent / "report.html", project.parent / "report.png"
+    assert "report: gan, vae" in _run(project, "genmodels", "report", "-o", str(page))
+    rendered = render(page, shot)
+    assert rendered.title == "genmodels report: gan, vae"
+    captions = [image["alt"] for image in rendered.images]
+    for kind in ("samples", "real images", "training losses", "periodic eval/"):
+        assert sum(kind in caption for caption in captions) == 2, captions  # one per family
+    assert all(image["complete"] and image["width"] > 0 for image in rendered.images), rendered.images
+    assert not [entry for entry in rendered.console if entry["level"] in ("SEVERE", "WARNING")], rendered.console
+    assert "Protocol signature" in rendered.text and "manifest sha256" in rendered.text
+    assert shot.stat().st_size > 20_000  # a page with pictures, not a blank one
 
 
 def _a_lost_registration_is_redone_not_restored(project):

@@ -16,6 +16,7 @@ from genmodels.families.vae import VAEPeriodicEval
 from genmodels.metrics.features import INCEPTION_WEIGHTS_FILE, load_extractor, quantize_8bit
 from genmodels.metrics.fid import FeatureStats, fid_from_stats
 from genmodels.metrics.protocol import SignatureMismatch, check_comparable
+from genmodels.report import write_report
 from genmodels.stages.evaluate import evaluate
 from genmodels.stages.featurizer import train_featurizer
 from genmodels.tracking import open_run, resolve_tracking
@@ -93,6 +94,12 @@ def test_evaluate_gan_writes_metrics_signature_cache_and_mlflow(featurizer, mnis
     assert run.data.metrics["evaluate/fid"] == pytest.approx(record["fid"])
     assert run.data.tags["eval.signature.extractor_sha256"] == signature["extractor_sha256"]
     assert any("eval_samples" in a.path for a in MlflowClient(tracking.uri).list_artifacts(run_id, "images"))
+    # The report covers the families that exist, here the GAN alone; evaluate logged it to the run.
+    assert "report.html" in {a.path for a in MlflowClient(tracking.uri).list_artifacts(run_id)}
+    page = tmp_path / "page.html"
+    assert write_report(params, page, models_dir=tmp_path / "models", shards=mnist_shards, metrics_dir=tmp_path / "metrics") == ["gan"]
+    html = page.read_text()
+    assert '<section id="gan">' in html and 'id="vae"' not in html and html.count("data:image/png;base64,") >= 3
     other = {**record, "signature": {**signature, "num_generated": 5000}}
     with pytest.raises(SignatureMismatch, match="num_generated: 300 vs 5000"):
         check_comparable(record, other)
