@@ -96,6 +96,10 @@ def _eval_line(spec, project: Path, config: dict) -> str:
         return f"not evaluated: dvc repro evaluate@{spec.name}"
     numbers = [f"fid {number(record['fid'])} ± {number(record.get('fid_bootstrap_std', float('nan')))}"]
     numbers += [f"{k} {number(record[k])}" for k in ("kid", "precision", "recall", "coverage", "elbo", "iwae") if k in record]
+    if "classes_under_half_share" in record:
+        numbers.append(f"classes under half their share {record['classes_under_half_share']}")
+    if "memorised_fraction" in record:
+        numbers.append(f"memorised {100 * record['memorised_fraction']:.1f}%")
     signature = record.get("signature", {})
     stale = "" if record.get("weights_sha256") == config.get("weights_sha256") else \
         f"; measured on other weights: dvc repro evaluate@{spec.name}"

@@ -94,12 +94,19 @@ def test_evaluate_gan_writes_metrics_signature_cache_and_mlflow(featurizer, mnis
     assert run.data.metrics["evaluate/fid"] == pytest.approx(record["fid"])
     assert run.data.tags["eval.signature.extractor_sha256"] == signature["extractor_sha256"]
     assert any("eval_samples" in a.path for a in MlflowClient(tracking.uri).list_artifacts(run_id, "images"))
+    # Class coverage and the memorisation check (random weights: blobs of one class or none, copying nothing).
+    assert 0 <= written["classes_under_half_share"] <= 10 and 0 <= written["class_share_tv"] <= 1
+    assert written["memorised_fraction"] < 0.05 and written["memorisation_threshold"] > 0
+    images = [a.path for a in MlflowClient(tracking.uri).list_artifacts(run_id, "images")]
+    assert any("eval_samples_vs_real" in path for path in images) and any("eval_closest_to_train" in path for path in images)
     # The report covers the families that exist, here the GAN alone; evaluate logged it to the run.
-    assert "report.html" in {a.path for a in MlflowClient(tracking.uri).list_artifacts(run_id)}
+    logged = {a.path for a in MlflowClient(tracking.uri).list_artifacts(run_id)}
+    assert {"report.html", "eval_class_share.json"} <= logged, logged
     page = tmp_path / "page.html"
     assert write_report(params, page, models_dir=tmp_path / "models", shards=mnist_shards, metrics_dir=tmp_path / "metrics") == ["gan"]
     html = page.read_text()
-    assert '<section id="gan">' in html and 'id="vae"' not in html and html.count("data:image/png;base64,") >= 3
+    assert '<section id="gan">' in html and 'id="vae"' not in html
+    assert html.count("data:image/png;base64,") == 2  # samples and real images; no curves: this model never trained
     other = {**record, "signature": {**signature, "num_generated": 5000}}
     with pytest.raises(SignatureMismatch, match="num_generated: 300 vs 5000"):
         check_comparable(record, other)
