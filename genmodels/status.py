@@ -99,7 +99,7 @@ def _eval_line(spec, project: Path, config: dict) -> str:
     if "classes_under_half_share" in record:
         numbers.append(f"classes under half their share {record['classes_under_half_share']}")
     if "memorised_fraction" in record:
-        numbers.append(f"memorised {100 * record['memorised_fraction']:.1f}%")
+        numbers.append(f"memorised {100 * record['memorised_fraction']:.1f}% (held-out images: 1%)")
     signature = record.get("signature", {})
     stale = "" if record.get("weights_sha256") == config.get("weights_sha256") else \
         f"; measured on other weights: dvc repro evaluate@{spec.name}"

@@ -62,7 +62,7 @@ def evaluate(params: Params, family: str, *, models_dir: str | Path = "models", 
         metrics.update(spec.offline_metrics(model, manifest, ep,
                                             lambda images, prefix: image_metrics(extractor, images, reference, ep, prefix)))
         progress.update(4, {k: metrics[k] for k in ("elbo", "iwae") if k in metrics}, note=f"{family} metrics")
-        checks, pictures = _sample_checks(extractor, samples, reference, manifest, ep)
+        checks, pictures = _sample_checks(extractor, samples, reference, manifest, ep, featurizer_dir=Path(featurizer_dir))
         class_share = checks.pop("class_share", None)  # 2 x classes numbers: MLflow's, not a DVC metric each
         metrics.update(checks)
         progress.update(5, {k: checks[k] for k in ("classes_under_half_share", "memorised_fraction") if k in checks},
@@ -90,10 +90,12 @@ def evaluate(params: Params, family: str, *, models_dir: str | Path = "models", 
     return record
 
 
-def _sample_checks(extractor, samples: torch.Tensor, reference, manifest, ep) -> tuple[dict, dict]:
+def _sample_checks(extractor, samples: torch.Tensor, reference, manifest, ep, *, featurizer_dir: Path) -> tuple[dict, dict]:
     """Class coverage and the memorisation check of the samples (`genmodels.metrics.coverage`), as
     numbers for the record, and the pictures that show them: samples beside real images, and the
-    closest (sample, training image) pairs."""
+    closest (sample, training image) pairs. Copies are searched among the training images of the
+    reference set (the first `evaluate.reference_max_samples`; `memorisation_num_train` says how
+    many). Classes come from the domain classifier, also when FID uses Inception features."""
     from genmodels.data.loader import read_images, read_split
 
     batches = list(read_split(manifest, "train", limit=ep.reference_max_samples, batch_size=500))
@@ -101,17 +103,26 @@ def _sample_checks(extractor, samples: torch.Tensor, reference, manifest, ep) ->
     labels = torch.cat([labels for _, labels in batches])
     val = read_images(manifest, "val", limit=ep.reference_max_samples)
     numbers, pictures = {}, {"eval_samples_vs_real": _side_by_side(image_grid(samples[:32]), image_grid(train[:32]))}
-    if extractor.probabilities is not None and manifest.classes and bool((labels >= 0).any()):
-        classes = torch.cat([extractor.probabilities(chunk).argmax(1) for chunk in samples.split(500)])
+    classifier = extractor
+    if classifier.probabilities is None and (featurizer_dir / "config.json").is_file():
+        classifier = load_extractor("domain", featurizer_dir=featurizer_dir)
+    if classifier.probabilities is None or not manifest.classes or not bool((labels >= 0).any()):
+        warnings.warn("evaluate: no class coverage: it needs the domain classifier (models/featurizer) and labelled "
+                      "images", stacklevel=1)
+    else:
+        classes = torch.cat([classifier.probabilities(chunk).argmax(1) for chunk in samples.split(500)])
         coverage = class_coverage(classes, labels[labels >= 0], len(manifest.classes))
         numbers.update({k: coverage[k] for k in ("classes_under_half_share", "class_share_tv")})
         numbers["class_share"] = {"samples": dict(zip(manifest.classes, coverage["sample_class_share"])),
                                   "real": dict(zip(manifest.classes, coverage["real_class_share"]))}
-    if len(val):
+    if not len(val):
+        warnings.warn("evaluate: no memorisation check: it needs a val split (prepare.val_fraction > 0)", stacklevel=1)
+    else:
         # The reference features are the train split's, in this order, when it is the reference.
         train_features = reference.features if ep.reference_split == "train" else extract_features(extractor, train)
         memo = memorisation(extract_features(extractor, samples), train_features, extract_features(extractor, val))
         numbers.update({k: memo[k] for k in ("memorised_fraction", "memorisation_threshold")})
+        numbers["memorisation_num_train"] = len(train_features)
         pairs = [(samples[i], train[j]) for i, j, _ in memo["closest_pairs"]]
         pictures["eval_closest_to_train"] = image_grid(torch.stack([a for a, _ in pairs] + [b for _, b in pairs]),
                                                        num_columns=len(pairs))  # samples above, their nearest below

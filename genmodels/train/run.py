@@ -204,7 +204,7 @@ def make_trainer(job: TrainJob, *, name: str, storage: str, trainer_class=None, 
         scaling_config=ScalingConfig(num_workers=tp.num_workers, use_gpu=tp.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=tp.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tp.num_checkpoints_kept), callbacks=list(callbacks),
-                           logging_config=train_logging(verbose)),
+                             logging_config=train_logging(verbose)),
     )
 
 

@@ -18,7 +18,7 @@ TINY_TRAIN = {"num_workers": 1, "log_every_steps": 2, "sample_every_steps": 4, "
 TINY_OTHERS = {"featurizer": {"num_epochs": 1, "min_val_accuracy": 0.0},
                "evaluate": {"num_samples": 200, "kid_subset_size": 100, "kid_num_subsets": 5, "bootstrap_resamples": 2,
                             "iwae_num_samples": 2, "reference_max_samples": 500},
-               "tune": {"num_samples": 2, "scheduler": "fifo"}}
+               "tune": {"num_samples": 1, "scheduler": "fifo"}}  # the stage's wiring, not the search: test_tune's subject
 
 
 def _shrink_training(project):

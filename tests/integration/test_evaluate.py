@@ -8,16 +8,16 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from genmodels.data.loader import read_split
+from genmodels.data.loader import read_images, read_split
 from genmodels.config import FeaturizerParams, PrepareParams, parse_params
-from genmodels.data.shards import prepare_shards
+from genmodels.data.shards import load_manifest, prepare_shards
 from genmodels.families import get_family
 from genmodels.families.vae import VAEPeriodicEval
 from genmodels.metrics.features import INCEPTION_WEIGHTS_FILE, load_extractor, quantize_8bit
 from genmodels.metrics.fid import FeatureStats, fid_from_stats
-from genmodels.metrics.protocol import SignatureMismatch, check_comparable
+from genmodels.metrics.protocol import SignatureMismatch, check_comparable, reference_stats
 from genmodels.report import write_report
-from genmodels.stages.evaluate import evaluate
+from genmodels.stages.evaluate import _sample_checks, evaluate
 from genmodels.stages.featurizer import train_featurizer
 from genmodels.tracking import open_run, resolve_tracking
 from genmodels.train.ddp import Precision
@@ -30,9 +30,15 @@ SMALL_EVAL = {"num_samples": 300, "kid_subset_size": 100, "kid_num_subsets": 10,
 
 @pytest.fixture(scope="module")
 def featurizer(mnist_shards, tmp_path_factory):
-    """The shipped featurizer params on mnist5k: the accuracy the offline FID stands on."""
+    """The shipped featurizer params on mnist5k: the accuracy the offline FID stands on. On both
+    cores, as `dvc repro featurizer` runs it (nothing else runs while this fixture does)."""
     out = tmp_path_factory.mktemp("featurizer")
-    summary = train_featurizer(FeaturizerParams(), mnist_shards, out / "model", out / "featurizer.json")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        summary = train_featurizer(FeaturizerParams(), mnist_shards, out / "model", out / "featurizer.json")
+    finally:
+        torch.set_num_threads(threads)
     return out / "model", summary
 
 
@@ -93,7 +99,7 @@ def test_evaluate_gan_writes_metrics_signature_cache_and_mlflow(featurizer, mnis
     run = MlflowClient(tracking.uri).get_run(run_id)
     assert run.data.metrics["evaluate/fid"] == pytest.approx(record["fid"])
     assert run.data.tags["eval.signature.extractor_sha256"] == signature["extractor_sha256"]
-    assert any("eval_samples" in a.path for a in MlflowClient(tracking.uri).list_artifacts(run_id, "images"))
+    assert any(a.path.startswith("images/eval_samples+") for a in MlflowClient(tracking.uri).list_artifacts(run_id, "images"))
     # Class coverage and the memorisation check (random weights: blobs of one class or none, copying nothing).
     assert 0 <= written["classes_under_half_share"] <= 10 and 0 <= written["class_share_tv"] <= 1
     assert written["memorised_fraction"] < 0.05 and written["memorisation_threshold"] > 0
@@ -111,6 +117,23 @@ def test_evaluate_gan_writes_metrics_signature_cache_and_mlflow(featurizer, mnis
     with pytest.raises(SignatureMismatch, match="num_generated: 300 vs 5000"):
         check_comparable(record, other)
     check_comparable(record, again)
+
+
+def test_the_memorisation_check_flags_training_images_and_pairs_each_with_itself(featurizer, mnist_shards, tmp_path):
+    manifest = load_manifest(mnist_shards)
+    ep = parse_params({"evaluate": {**SMALL_EVAL, "cache_dir": str(tmp_path)}}).evaluate
+    extractor = load_extractor("domain", featurizer_dir=featurizer[0])
+    reference = reference_stats(extractor, manifest, ep)
+    train = read_images(manifest, "train", limit=ep.reference_max_samples)
+    copies = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:300]]
+    numbers, pictures = _sample_checks(extractor, copies, reference, manifest, ep, featurizer_dir=featurizer[0])
+    assert numbers["memorised_fraction"] > 0.9 and numbers["memorisation_num_train"] == 1000
+    assert numbers["classes_under_half_share"] == 0  # training images cover every class
+    pairs = pictures["eval_closest_to_train"]  # samples on the top row, their nearest training images below
+    assert pairs.shape == (2 * 30 + 2, 8 * 30 + 2) and (pairs[2:30] == pairs[32:60]).all()
+    held_out, _ = _sample_checks(extractor, read_images(manifest, "val")[:300], reference, manifest, ep,
+                                 featurizer_dir=featurizer[0])
+    assert held_out["memorised_fraction"] < 0.05  # ~1% by construction
 
 
 def test_evaluate_vae_reports_bounds_in_nats(featurizer, mnist_shards, tmp_path, monkeypatch):
