@@ -1,0 +1,311 @@
+"""Sample quality at equal wall-clock: the project's default GAN and VAE against single-process
+ports of the classic pytorch/examples DCGAN and VAE, side by side in one run.
+
+    python bench/quality.py [--gan-minutes 8] [--vae-minutes 4] [--families gan vae] [--out bench/quality]
+    python bench/quality.py --smoke          # seconds: the machinery, not the numbers
+
+Budget, counted strictly: for the project, the whole train stage's wall time (`wall_s`: Ray
+start-up, periodic evaluation and checkpoints included), `num_steps` set from a short timed
+calibration run; for a baseline, its training steps alone, one process, 2 torch threads.
+Data: the train split of the default `prepare` output. Scores: the project's own protocol
+(domain FID with bootstrap std, KID, PRDC, class coverage, memorisation), the mean over 3 sample
+seeds; for VAEs also the val -ELBO and -IWAE(100) under the same continuous BCE for both models
+(grey levels as Bernoulli targets), in nats, and the project's binarised numbers.
+
+Baselines (github.com/pytorch/examples, dcgan/main.py and vae/main.py), ported:
+- DCGAN: ngf = ndf = 64, nz = 100, Adam 2e-4 betas (0.5, 0.999), batch 128, BCE, N(0, 0.02)
+  init. 28x28 instead of 64x64: one up/down-sampling stage fewer (7 -> 14 -> 28), the same
+  widths per stage counted from the image side.
+- VAE: 784-400-20 fully connected, BCE on grey levels (sum), Adam 1e-3, batch 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from genmodels.config import apply_overrides, load_params
+from genmodels.data.loader import ShardLoader, read_images, read_split
+from genmodels.data.shards import prepare_shards
+from genmodels.data.transforms import image_grid
+from genmodels.families import load_exported
+from genmodels.metrics.coverage import class_coverage
+from genmodels.metrics.features import load_extractor
+from genmodels.metrics.likelihood import binarize, elbo_per_image, iwae_bound
+from genmodels.metrics.protocol import image_metrics, reference_stats
+from genmodels.progress import quiet_libraries
+from genmodels.stages.featurizer import train_featurizer
+from genmodels.train.run import train
+
+SEEDS = (0, 1, 2)
+SHOWN = ("fid", "fid_bootstrap_std", "kid", "precision", "recall", "density", "coverage", "classes_under_half_share",
+         "neg_elbo_bce", "neg_iwae_bce", "neg_elbo_binarised", "wall_s", "num_steps", "calibration_s")
+
+
+# ---- baselines -------------------------------------------------------------------------------
+
+def _dcgan_init(module: nn.Module) -> None:
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+class DCGANGenerator(nn.Module):
+    def __init__(self, nz: int = 100, ngf: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(nz, ngf * 4, 7, 1, 0, bias=False), nn.BatchNorm2d(ngf * 4), nn.ReLU(True),  # 7x7
+            nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 2), nn.ReLU(True),  # 14x14
+            nn.ConvTranspose2d(ngf * 2, 1, 4, 2, 1, bias=False), nn.Tanh(),  # 28x28
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z[:, :, None, None])
+
+
+class DCGANDiscriminator(nn.Module):
+    def __init__(self, ndf: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, ndf * 2, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True),  # 14x14
+            nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 4), nn.LeakyReLU(0.2, True),  # 7x7
+            nn.Conv2d(ndf * 4, 1, 7, 1, 0, bias=False), nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).view(-1)
+
+
+class ExamplesVAE(nn.Module):
+    """pytorch/examples' VAE with the interface of genmodels' likelihood bounds: `encode` and
+    `decode` (logits) on [-1, 1] images, a Bernoulli likelihood."""
+
+    likelihood, log_sigma = "bernoulli", None
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = nn.Linear(784, 400), nn.Linear(400, 20), nn.Linear(400, 20)
+        self.fc3, self.fc4 = nn.Linear(20, 400), nn.Linear(400, 784)
+
+    def encode(self, x: torch.Tensor):
+        h = torch.relu(self.fc1(((x + 1) / 2).view(-1, 784)))
+        return self.fc21(h), self.fc22(h)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc4(torch.relu(self.fc3(z))).view(-1, 1, 28, 28)
+
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decode(z)) * 2 - 1
+
+
+def _batches(shards: Path, seed: int):
+    loader = ShardLoader(shards, "train", batch_size_per_worker=128, seed=seed)
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from (images for images, _ in loader)
+        epoch += 1
+
+
+def train_dcgan(shards: Path, budget_s: float, seed: int = 0) -> tuple[nn.Module, dict]:
+    torch.manual_seed(seed)
+    netG, netD = DCGANGenerator(), DCGANDiscriminator()
+    netG.apply(_dcgan_init)
+    netD.apply(_dcgan_init)
+    optG = torch.optim.Adam(netG.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    optD = torch.optim.Adam(netD.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    bce, steps, spent = nn.BCELoss(), 0, 0.0
+    for real in _batches(shards, seed):
+        start = time.perf_counter()
+        ones, zeros = torch.ones(len(real)), torch.zeros(len(real))
+        optD.zero_grad()
+        fake = netG(torch.randn(len(real), 100))
+        (bce(netD(real), ones) + bce(netD(fake.detach()), zeros)).backward()
+        optD.step()
+        optG.zero_grad()
+        bce(netD(fake), ones).backward()
+        optG.step()
+        steps, spent = steps + 1, spent + time.perf_counter() - start
+        if spent >= budget_s:
+            break
+    netG.eval()
+    return netG, {"wall_s": spent, "num_steps": steps}
+
+
+def train_examples_vae(shards: Path, budget_s: float, seed: int = 0) -> tuple[nn.Module, dict]:
+    torch.manual_seed(seed)
+    model = ExamplesVAE()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    steps, spent = 0, 0.0
+    for real in _batches(shards, seed):
+        start = time.perf_counter()
+        mu, logvar = model.encode(real)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        recon = nn.functional.binary_cross_entropy_with_logits(model.decode(z), (real + 1) / 2, reduction="sum")
+        kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        opt.zero_grad()
+        (recon + kld).backward()
+        opt.step()
+        steps, spent = steps + 1, spent + time.perf_counter() - start
+        if spent >= budget_s:
+            break
+    model.eval()
+    return model, {"wall_s": spent, "num_steps": steps}
+
+
+# ---- the project's default, through `genmodels train` ----------------------------------------
+
+def train_default(params, family: str, work: Path, shards: Path, featurizer: Path, budget_s: float, calibration_steps: int,
+                  fixed_steps: int | None = None):
+    """(exported model, {"wall_s", "num_steps", "calibration_s"}): num_steps from a timed
+    calibration run of `calibration_steps`, or `fixed_steps` (the smoke run) without one."""
+
+    def run(name: str, num_steps: int) -> dict:
+        run_params = params.model_copy(update={"train": apply_overrides(params.train, {
+            f"train.{family}.num_steps": num_steps, "train.run_name": name, "train.storage_path": str(work / "ray_results")})})
+        return train(run_params, family, shards=shards, models_dir=work / name / "models", metrics_dir=work / name / "metrics",
+                     project_dir=work, featurizer_dir=featurizer)
+
+    calibration_s, num_steps = 0.0, fixed_steps
+    if num_steps is None:
+        calibration = run(f"{family}-calibration", calibration_steps)
+        calibration_s = calibration["wall_s"]
+        per_step = calibration["world_size"] * params.train.batch_size_per_worker / calibration["img_per_s"]
+        fixed = max(calibration_s - calibration_steps * per_step, 0.0)  # start-up, the one (final) evaluation, export
+        # Each periodic evaluation is counted at half that fixed cost: an upper bound of the measured ones.
+        evals_per_step = 1 / params.train.eval_every_steps if params.train.eval_every_steps else 0.0
+        num_steps = max(int(0.95 * (budget_s - fixed) / (per_step + evals_per_step * fixed / 2)), 1)
+    summary = run(f"{family}-bench", num_steps)
+    exported = load_exported(work / f"{family}-bench" / "models" / family)
+    return exported, {"wall_s": summary["wall_s"], "num_steps": num_steps, "calibration_s": calibration_s}
+
+
+# ---- scoring -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def score(generate, extractor, reference, manifest, params, *, train_labels: torch.Tensor) -> dict:
+    """The protocol's sample metrics and class coverage, mean over SEEDS."""
+    rows = []
+    for seed in SEEDS:
+        ep = params.evaluate.model_copy(update={"seed": seed})
+        z = torch.randn(ep.num_samples, generate.latent_dim, generator=torch.Generator().manual_seed(seed))
+        samples = torch.cat([generate(chunk) for chunk in z.split(500)]).clamp(-1, 1)
+        row = image_metrics(extractor, samples, reference, ep)
+        classes = torch.cat([extractor.probabilities(chunk).argmax(1) for chunk in samples.split(500)])
+        row["classes_under_half_share"] = class_coverage(classes, train_labels, len(manifest.classes))["classes_under_half_share"]
+        rows.append(row)
+    return {k: statistics.mean(r[k] for r in rows) for k in rows[0]} | {"samples": samples[:64]}
+
+
+@torch.no_grad()
+def bounds(model, val: torch.Tensor, iwae_samples: int) -> dict:
+    """-ELBO and -IWAE under continuous BCE (grey levels as targets), and the binarised -ELBO, nats per image."""
+    generator = torch.Generator().manual_seed(0)
+    chunks = val.split(100)
+    return {"neg_elbo_bce": -float(torch.cat([elbo_per_image(model, c, generator) for c in chunks]).mean()),
+            "neg_iwae_bce": -float(torch.cat([iwae_bound(model, c, iwae_samples, generator) for c in chunks]).mean()),
+            "neg_elbo_binarised": -float(torch.cat([elbo_per_image(model, binarize(c, generator), generator)
+                                                   for c in chunks]).mean())}
+
+
+class _Generate:
+    def __init__(self, fn, latent_dim: int):
+        self.fn, self.latent_dim = fn, latent_dim
+
+    def __call__(self, z):
+        return self.fn(z)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gan-minutes", type=float, default=8.0)
+    parser.add_argument("--vae-minutes", type=float, default=4.0)
+    parser.add_argument("--families", nargs="+", choices=("gan", "vae"), default=["gan", "vae"])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default="bench/quality", help="table.md, results.json and grids.png go here")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds per model, small evaluations: the machinery only")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    quiet_libraries()
+    params = load_params(args.params)
+    budgets = {"gan": 60 * args.gan_minutes, "vae": 60 * args.vae_minutes}
+    calibration_steps, iwae_samples = 50, 100
+    if args.smoke:
+        budgets = {"gan": 3.0, "vae": 3.0}  # the baselines'; the default trains 4 steps, uncalibrated
+        iwae_samples = 2
+        params = params.model_copy(update={
+            "featurizer": params.featurizer.model_copy(update={"num_epochs": 1, "min_val_accuracy": 0.0}),
+            "evaluate": params.evaluate.model_copy(update={"num_samples": 200, "kid_subset_size": 100, "kid_num_subsets": 5,
+                                                           "bootstrap_resamples": 2, "reference_max_samples": 500}),
+            "train": apply_overrides(params.train, {"eval_num_samples": 50, "eval_every_steps": 4, "checkpoint_every_steps": 4})})
+    work = Path(tempfile.mkdtemp(prefix="genmodels-bench-quality-"))
+    shards, featurizer = work / "shards", work / "featurizer"
+    manifest = prepare_shards(params.prepare, shards)
+    train_featurizer(params.featurizer, shards, featurizer, work / "featurizer.json")
+    extractor = load_extractor("domain", featurizer_dir=featurizer)
+    reference = reference_stats(extractor, manifest, params.evaluate.model_copy(update={"cache_dir": str(work / "cache")}))
+    train_labels = torch.cat([labels for _, labels in read_split(manifest, "train", limit=params.evaluate.reference_max_samples)])
+    val = read_images(manifest, "val")
+
+    results, grids = {}, []
+    for family in args.families:
+        budget = budgets[family]
+        exported, ours = train_default(params, family, work, shards, featurizer, budget, calibration_steps,
+                                       fixed_steps=4 if args.smoke else None)
+        spec = exported.family
+        torch.set_num_threads(2)
+        if family == "gan":
+            baseline, theirs = train_dcgan(shards, budget)
+            base_generate = _Generate(baseline, 100)
+        else:
+            baseline, theirs = train_examples_vae(shards, budget)
+            base_generate = _Generate(baseline.generate, 20)
+        ours_generate = _Generate(lambda z, e=exported: spec.generate(e.model, z), spec.latent_dim(exported.params))
+        row_ours = score(ours_generate, extractor, reference, manifest, params, train_labels=train_labels) | ours
+        row_theirs = score(base_generate, extractor, reference, manifest, params, train_labels=train_labels) | theirs
+        if family == "vae" and len(val):
+            row_ours |= bounds(exported.model, val, iwae_samples)
+            row_theirs |= bounds(baseline, val, iwae_samples)
+        grids.append((family, row_ours.pop("samples"), row_theirs.pop("samples")))
+        results[family] = {"default": row_ours, "baseline": row_theirs, "budget_s": budget}
+    _write(results, grids, Path(args.out), smoke=args.smoke)
+
+
+def _write(results: dict, grids: list, out: Path, *, smoke: bool) -> None:
+    from PIL import Image
+
+    lines = [f"{'smoke run: ' if smoke else ''}mean over sample seeds {SEEDS}; lower is better except precision, recall, "
+             "density, coverage", "", "| family | metric | default | baseline | default / baseline |", "|---|---|---|---|---|"]
+    for family, result in results.items():
+        for key in SHOWN:
+            if key in result["default"] and key in result["baseline"]:
+                ours, theirs = float(result["default"][key]), float(result["baseline"][key])
+                ratio = f"{ours / theirs:.3f}" if theirs else "-"
+                lines.append(f"| {family} | {key} | {ours:.4g} | {theirs:.4g} | {ratio} |")
+    table = "\n".join(lines)
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    rows = [np.concatenate([image_grid(ours), np.full((image_grid(ours).shape[0], 8), 255, np.uint8), image_grid(theirs)], axis=1)
+            for _, ours, theirs in grids]
+    width = max(r.shape[1] for r in rows)
+    picture = np.concatenate([np.pad(r, ((0, 8), (0, width - r.shape[1])), constant_values=255) for r in rows])
+    Image.fromarray(picture).save(out / "grids.png")
+    print(f"\n-> {out / 'table.md'}, {out / 'results.json'}, {out / 'grids.png'} (per family: default left, baseline right)")
+
+
+if __name__ == "__main__":
+    main()
