@@ -38,8 +38,9 @@ run: install
 	dvc repro
 	@genmodels status
 
+# -X faulthandler: a crash after pytest's own handler is gone (at interpreter exit) still prints its stacks.
 test: install browser
-	python -m pytest
+	python -X faulthandler -m pytest
 
 # The report test drives a real headless Chromium: Debian's packages, never a downloaded build.
 browser:

@@ -118,6 +118,17 @@ def _batches(shards: Path, seed: int):
         epoch += 1
 
 
+def _train_for(budget_s: float, shards: Path, seed: int, step) -> dict:
+    """`step(batch)` over the train split until the steps alone (not the loading) took `budget_s`."""
+    steps, spent = 0, 0.0
+    for real in _batches(shards, seed):
+        start = time.perf_counter()
+        step(real)
+        steps, spent = steps + 1, spent + time.perf_counter() - start
+        if spent >= budget_s:
+            return {"wall_s": spent, "num_steps": steps}
+
+
 def train_dcgan(shards: Path, budget_s: float, seed: int = 0) -> tuple[nn.Module, dict]:
     torch.manual_seed(seed)
     netG, netD = DCGANGenerator(), DCGANDiscriminator()
@@ -125,9 +136,9 @@ def train_dcgan(shards: Path, budget_s: float, seed: int = 0) -> tuple[nn.Module
     netD.apply(_dcgan_init)
     optG = torch.optim.Adam(netG.parameters(), lr=2e-4, betas=(0.5, 0.999))
     optD = torch.optim.Adam(netD.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    bce, steps, spent = nn.BCELoss(), 0, 0.0
-    for real in _batches(shards, seed):
-        start = time.perf_counter()
+    bce = nn.BCELoss()
+
+    def step(real: torch.Tensor) -> None:
         ones, zeros = torch.ones(len(real)), torch.zeros(len(real))
         optD.zero_grad()
         fake = netG(torch.randn(len(real), 100))
@@ -136,20 +147,17 @@ def train_dcgan(shards: Path, budget_s: float, seed: int = 0) -> tuple[nn.Module
         optG.zero_grad()
         bce(netD(fake), ones).backward()
         optG.step()
-        steps, spent = steps + 1, spent + time.perf_counter() - start
-        if spent >= budget_s:
-            break
-    netG.eval()
-    return netG, {"wall_s": spent, "num_steps": steps}
+
+    spent = _train_for(budget_s, shards, seed, step)
+    return netG.eval(), spent
 
 
 def train_examples_vae(shards: Path, budget_s: float, seed: int = 0) -> tuple[nn.Module, dict]:
     torch.manual_seed(seed)
     model = ExamplesVAE()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    steps, spent = 0, 0.0
-    for real in _batches(shards, seed):
-        start = time.perf_counter()
+
+    def step(real: torch.Tensor) -> None:
         mu, logvar = model.encode(real)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         recon = nn.functional.binary_cross_entropy_with_logits(model.decode(z), (real + 1) / 2, reduction="sum")
@@ -157,11 +165,9 @@ def train_examples_vae(shards: Path, budget_s: float, seed: int = 0) -> tuple[nn
         opt.zero_grad()
         (recon + kld).backward()
         opt.step()
-        steps, spent = steps + 1, spent + time.perf_counter() - start
-        if spent >= budget_s:
-            break
-    model.eval()
-    return model, {"wall_s": spent, "num_steps": steps}
+
+    spent = _train_for(budget_s, shards, seed, step)
+    return model.eval(), spent
 
 
 # ---- the project's default, through `genmodels train` ----------------------------------------

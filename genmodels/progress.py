@@ -83,6 +83,7 @@ class Progress:
     def __init__(self, title: str, total: int, *, unit: str = "step", eta: bool = True, stream: IO[str] | None = None):
         from tqdm import tqdm
 
+        tqdm.monitor_interval = 0  # no monitor thread: updates come from one place, at a known pace
         self.title, self.total, self.unit, self.eta = title, total, unit, eta
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -213,9 +214,10 @@ class follow:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
-        self.progress.close()
+        self._thread.join(timeout=5)  # it drains what is queued, then sees the stop
         try:
-            self.queue.shutdown()
-        except Exception:
+            self.queue.shutdown()  # a `get` still waiting on a slow actor now fails, and the thread ends
+        except Exception:  # noqa: BLE001 - Ray may be going down already
             pass
+        self._thread.join(timeout=5)  # never left inside a Ray call when Ray shuts down
+        self.progress.close()

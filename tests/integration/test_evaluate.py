@@ -30,15 +30,9 @@ SMALL_EVAL = {"num_samples": 300, "kid_subset_size": 100, "kid_num_subsets": 10,
 
 @pytest.fixture(scope="module")
 def featurizer(mnist_shards, tmp_path_factory):
-    """The shipped featurizer params on mnist5k: the accuracy the offline FID stands on. On both
-    cores, as `dvc repro featurizer` runs it (nothing else runs while this fixture does)."""
+    """The shipped featurizer params on mnist5k: the accuracy the offline FID stands on."""
     out = tmp_path_factory.mktemp("featurizer")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        summary = train_featurizer(FeaturizerParams(), mnist_shards, out / "model", out / "featurizer.json")
-    finally:
-        torch.set_num_threads(threads)
+    summary = train_featurizer(FeaturizerParams(), mnist_shards, out / "model", out / "featurizer.json")
     return out / "model", summary
 
 
