@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -52,3 +53,8 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, None when there is no such file (a stage that has not run yet)."""
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from genmodels.config import Params
 from genmodels.families import FAMILIES, get_family
-from genmodels.files import write_text
+from genmodels.files import read_json, write_text
 from genmodels.progress import number
 
 NUM_IMAGES = 64
@@ -59,9 +59,9 @@ def _family_section(params: Params, family: str, models_dir: Path, shards: Path,
     manifest = load_manifest(shards)
     split = "val" if manifest.split("val").num_samples else "train"
     real = next(read_split(manifest, split, limit=NUM_IMAGES, batch_size=NUM_IMAGES))[0]
-    mlflow = _json(models_dir / family / "mlflow.json") or {}
-    record = _json(metrics_dir / f"eval_{family}.json")
-    train = _json(metrics_dir / f"train_{family}.json") or {}
+    mlflow = read_json(models_dir / family / "mlflow.json") or {}
+    record = read_json(metrics_dir / f"eval_{family}.json")
+    train = read_json(metrics_dir / f"train_{family}.json") or {}
     curves = _curves(metrics_dir / f"train_{family}_curve.csv", f"{family}: training losses")
     periodic = _periodic(spec, mlflow)
     config = exported.config
@@ -193,10 +193,6 @@ def _run_tag(mlflow: dict, key: str) -> str:
 def _git_commit(project: Path) -> str:
     done = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=project, capture_output=True, text=True)
     return done.stdout.strip() if done.returncode == 0 else "not a git repository"
-
-
-def _json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 _PAGE = """<!doctype html>

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from genmodels.config import Params
 from genmodels.families import FAMILIES, get_family
+from genmodels.files import read_json
 from genmodels.progress import number
 
 INDENT = " " * 11
@@ -42,7 +43,7 @@ def _status(params: Params, project: Path) -> str:
     shards = sum(len(split.shards) for split in manifest.splits.values())
     lines.append(f"{'data':<11}{manifest.source}, {manifest.image_size}x{manifest.image_size}x{manifest.channels}: {splits} "
                  f"({shards} shards); manifest {manifest_sha256(manifest)[:12]}")
-    featurizer = _json(project / "metrics" / "featurizer.json")
+    featurizer = read_json(project / "metrics" / "featurizer.json")
     lines.append(f"{'featurizer':<11}" + (f"val accuracy {featurizer['val_accuracy']:.4f}" if featurizer
                                           else "not trained: dvc repro featurizer"))
     tracking = resolve_tracking(project)
@@ -59,7 +60,7 @@ def _status(params: Params, project: Path) -> str:
     lines.append(f"  {_mlflow_ui(tracking.uri, project)}    # runs, curves, sample grids")
     lines.append("  dvc plots show    # loss curves -> dvc_plots/index.html")
     for family in trained:
-        name = params.registry.model_name.format(family=family)
+        name = params.registry.name(family)
         lines.append(f"  genmodels sample models:/{name}@champion -n 64 -o {family}_samples.png")
     lines.append("  genmodels report -o report.html    # samples, real images, curves and metrics in one page")
     return "\n".join(lines)
@@ -68,8 +69,8 @@ def _status(params: Params, project: Path) -> str:
 def _family_lines(params: Params, family: str, project: Path, client) -> list[str]:
     spec = get_family(family)
     config = json.loads((project / "models" / family / "config.json").read_text())
-    train = _json(project / "metrics" / f"train_{family}.json") or {}
-    mlflow = _json(project / "models" / family / "mlflow.json") or {}
+    train = read_json(project / "metrics" / f"train_{family}.json") or {}
+    mlflow = read_json(project / "models" / family / "mlflow.json") or {}
     state = _run_state(client, mlflow.get("run_id"))
     shown = {k.removeprefix("train/"): train[k.removeprefix("train/")] for k in spec.curve_keys
              if k.removeprefix("train/") in train}
@@ -82,7 +83,7 @@ def _family_lines(params: Params, family: str, project: Path, client) -> list[st
     if shown:
         lines.append(INDENT + "  ".join(f"{k} {number(v)}" for k, v in shown.items()))
     lines.append(INDENT + _eval_line(spec, project, config))
-    registry = _registry_line(client, params.registry.model_name.format(family=family), family)
+    registry = _registry_line(client, params.registry.name(family), family)
     if registry:
         lines.append(INDENT + registry)
     return lines
@@ -91,7 +92,7 @@ def _family_lines(params: Params, family: str, project: Path, client) -> list[st
 def _eval_line(spec, project: Path, config: dict) -> str:
     from genmodels.metrics.protocol import signature_sha256
 
-    record = _json(project / "metrics" / f"eval_{spec.name}.json")
+    record = read_json(project / "metrics" / f"eval_{spec.name}.json")
     if record is None:
         return f"not evaluated: dvc repro evaluate@{spec.name}"
     numbers = [f"fid {number(record['fid'])} ± {number(record.get('fid_bootstrap_std', float('nan')))}"]
@@ -154,7 +155,3 @@ def _mlflow_ui(uri: str, project: Path) -> str:
         shown = database.relative_to(project) if database.is_relative_to(project) else database
         return f"mlflow ui --backend-store-uri sqlite:///{shown} --port 5000"
     return f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
-
-
-def _json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
