@@ -247,16 +247,20 @@ def main() -> None:
     quiet_libraries()
     params = load_params(args.params)
     budgets = {"gan": 60 * args.gan_minutes, "vae": 60 * args.vae_minutes}
-    calibration_steps, iwae_samples = 50, 100
     if args.smoke:
         budgets = {"gan": 3.0, "vae": 3.0}  # the baselines'; the default trains 4 steps, uncalibrated
-        iwae_samples = 2
         params = params.model_copy(update={
             "featurizer": params.featurizer.model_copy(update={"num_epochs": 1, "min_val_accuracy": 0.0}),
             "evaluate": params.evaluate.model_copy(update={"num_samples": 200, "kid_subset_size": 100, "kid_num_subsets": 5,
                                                            "bootstrap_resamples": 2, "reference_max_samples": 500}),
             "train": apply_overrides(params.train, {"eval_num_samples": 50, "eval_every_steps": 4, "checkpoint_every_steps": 4})})
-    work = Path(tempfile.mkdtemp(prefix="genmodels-bench-quality-"))
+    with tempfile.TemporaryDirectory(prefix="genmodels-bench-quality-") as tmp:
+        results, grids = run_bench(params, args.families, budgets, Path(tmp), smoke=args.smoke)
+    _write(results, grids, Path(args.out), smoke=args.smoke)
+
+
+def run_bench(params, families, budgets: dict, work: Path, *, smoke: bool) -> tuple[dict, list]:
+    calibration_steps, iwae_samples = 50, 2 if smoke else 100
     shards, featurizer = work / "shards", work / "featurizer"
     manifest = prepare_shards(params.prepare, shards)
     train_featurizer(params.featurizer, shards, featurizer, work / "featurizer.json")
@@ -266,10 +270,10 @@ def main() -> None:
     val = read_images(manifest, "val")
 
     results, grids = {}, []
-    for family in args.families:
+    for family in families:
         budget = budgets[family]
         exported, ours = train_default(params, family, work, shards, featurizer, budget, calibration_steps,
-                                       fixed_steps=4 if args.smoke else None)
+                                       fixed_steps=4 if smoke else None)
         spec = exported.family
         torch.set_num_threads(2)
         if family == "gan":
@@ -286,7 +290,21 @@ def main() -> None:
             row_theirs |= bounds(baseline, val, iwae_samples)
         grids.append((family, row_ours.pop("samples"), row_theirs.pop("samples")))
         results[family] = {"default": row_ours, "baseline": row_theirs, "budget_s": budget}
-    _write(results, grids, Path(args.out), smoke=args.smoke)
+    return results, grids
+
+
+def _targets(results: dict) -> list[str]:
+    """Issue 13's targets, one line each: met or not, with the figure."""
+    lines = []
+    for family in ("gan", "vae"):
+        if family in results:
+            ours, theirs = results[family]["default"], results[family]["baseline"]
+            ratio = ours["fid"] / theirs["fid"]
+            lines.append(f"target {family} fid: default / baseline = {ratio:.3f} (<= 0.5: {'met' if ratio <= 0.5 else 'NOT met'})")
+    if "vae" in results and "neg_elbo_bce" in results["vae"]["default"]:
+        gain = results["vae"]["baseline"]["neg_elbo_bce"] - results["vae"]["default"]["neg_elbo_bce"]
+        lines.append(f"target vae neg_elbo_bce: baseline - default = {gain:.2f} nats (>= 8: {'met' if gain >= 8 else 'NOT met'})")
+    return lines
 
 
 def _write(results: dict, grids: list, out: Path, *, smoke: bool) -> None:
@@ -300,6 +318,7 @@ def _write(results: dict, grids: list, out: Path, *, smoke: bool) -> None:
                 ours, theirs = float(result["default"][key]), float(result["baseline"][key])
                 ratio = f"{ours / theirs:.3f}" if theirs else "-"
                 lines.append(f"| {family} | {key} | {ours:.4g} | {theirs:.4g} | {ratio} |")
+    lines += [""] + _targets(results)
     table = "\n".join(lines)
     print(table)
     out.mkdir(parents=True, exist_ok=True)

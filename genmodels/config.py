@@ -77,6 +77,9 @@ class GANParams(_Section):
     gp_weight: Annotated[float, Field(ge=0)] = 10.0
     """WGAN-GP lambda (Gulrajani et al. 2017, eq. 3); used only with `loss: wgan-gp`."""
     d_steps_per_g_step: Annotated[int, Field(ge=1, le=20)] = 1
+    augment: list[Literal["color", "translation", "cutout"]] = []
+    """DiffAugment policy (Zhao et al. 2020): transforms applied to real and fake images before every
+    D forward (`genmodels.augment`), in the order given; [] trains without."""
     ema_decay: Annotated[float, Field(ge=0, le=1)] = 0.999
     num_steps: Annotated[int, Field(ge=1)] = 1500
     """Generator steps."""
@@ -102,6 +105,11 @@ class VAEParams(_Section):
     latent_dim: Annotated[int, Field(ge=1, le=4096)] = 16
     width: Annotated[int, Field(ge=4, le=1024)] = 32
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
+    decoder_norm: Literal["batch", "layer", "none"] = "none"
+    """Normalisation in the conv preset's decoder (`genmodels.models.vae.conv_vae`); the seed
+    preset's decoder has none."""
+    prior: Literal["normal", "flow"] = "normal"
+    """N(0, I), or a learned RealNVP prior (`genmodels.models.vae.FlowPrior`)."""
     beta: Annotated[float, Field(ge=0)] = 1.0
     """beta-VAE weight on the KL term (Higgins et al. 2017); 1 is the plain ELBO."""
     lr: Annotated[float, Field(gt=0, le=1)] = 1e-3
@@ -109,6 +117,13 @@ class VAEParams(_Section):
     num_steps: Annotated[int, Field(ge=1)] = 1500
 
     RESUMABLE: ClassVar[frozenset[str]] = frozenset({"lr", "beta", "ema_decay"})
+
+    @model_validator(mode="after")
+    def _seed_decoder_has_no_norm(self) -> "VAEParams":
+        if self.preset == "seed" and self.decoder_norm != "none":
+            raise ValueError(f'decoder_norm {self.decoder_norm!r} is invalid with preset "seed": the blog\'s decoder has no '
+                             'normalisation; use "none"')
+        return self
 
 
 class TrainParams(_Section):

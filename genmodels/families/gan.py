@@ -22,6 +22,7 @@ import copy
 import torch
 from torch import nn
 
+from genmodels.augment import diff_augment
 from genmodels.config import GANParams, TrainParams
 from genmodels.families.base import NUM_GRID_SAMPLES, Family
 from genmodels.losses import d_loss, g_loss, gradient_penalty, interpolate
@@ -64,7 +65,7 @@ class GANTask:
                 parts = [real, fake]
                 if g.loss == "wgan-gp":
                     parts.append(interpolate(real, fake))
-                logits = self.D(torch.cat(parts)).float()
+                logits = self.D(diff_augment(torch.cat(parts), g.augment)).float()
                 real_logits, fake_logits = logits[:batch], logits[batch : 2 * batch]
                 loss_d = d_loss(self.loss, real_logits, fake_logits)
                 if g.loss == "wgan-gp":
@@ -73,7 +74,8 @@ class GANTask:
             norm_d = _optimise(loss_d, self.opt_d, self.scaler_d, self.D.parameters())
 
         with self.precision.autocast():
-            fake_logits_g = unwrap(self.D)(torch.cat([real, self.G(self._noise(batch))]))[batch:].float()
+            both = diff_augment(torch.cat([real, self.G(self._noise(batch))]), g.augment)
+            fake_logits_g = unwrap(self.D)(both)[batch:].float()
             loss_g = g_loss(self.loss, fake_logits_g)
         norm_g = _optimise(loss_g, self.opt_g, self.scaler_g, self.G.parameters(), inputs=list(self.G.parameters()))
         ema_update(self.ema, self.G, ema_decay(g.ema_decay, step))

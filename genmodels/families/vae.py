@@ -13,7 +13,7 @@ from genmodels.config import TrainParams, VAEParams
 from genmodels.data.loader import read_images
 from genmodels.data.transforms import to_float
 from genmodels.families.base import NUM_GRID_SAMPLES, Family
-from genmodels.losses import gaussian_kl, negative_elbo, reconstruction_nll
+from genmodels.losses import negative_elbo, reconstruction_nll
 from genmodels.train.ddp import Precision, grad_norm, unwrap, wrap
 from genmodels.train.ema import STANDING_STATS_NUM_BATCHES, ema_decay, ema_update, standing_batchnorm_stats
 
@@ -41,11 +41,10 @@ class VAETask:
     def train_step(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         v = self.params.vae
         with self.precision.autocast():
-            decoded, mu, logvar = self.model(images)
-        # The likelihood and KL in fp32: sums over pixels lose precision in half types.
+            decoded, kl = self.model(images)  # the KL in fp32 (`VAE.kl`)
+        # The likelihood in fp32: sums over pixels lose precision in half types.
         log_sigma = unwrap(self.model).log_sigma
         recon = reconstruction_nll(decoded.float(), images, v.likelihood, log_sigma)
-        kl = gaussian_kl(mu.float(), logvar.float())
         loss = negative_elbo(recon, kl, v.beta).mean()
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -79,7 +78,7 @@ class VAETask:
     @torch.no_grad()
     def sample_grid_images(self) -> dict[str, torch.Tensor]:
         model = self.ema  # with ema_decay 0 the EMA is a copy of the latest weights
-        grids = {"samples": model.to_image(model.decode(self.z_fixed))}
+        grids = {"samples": model.to_image(model.decode(model.from_noise(self.z_fixed)))}
         if self.recon_batch is not None:
             grids["reconstructions"] = torch.cat([self.recon_batch, model.reconstruct(self.recon_batch)])
         return grids
@@ -133,7 +132,8 @@ class VAEFamily(Family):
     def generator_spec(self, params: VAEParams, *, image_size: int, channels: int) -> dict:
         return {"builder": "vae", "kwargs": {"preset": params.preset, "image_size": image_size, "channels": channels,
                                             "latent_dim": params.latent_dim, "width": params.width,
-                                            "likelihood": params.likelihood}}
+                                            "likelihood": params.likelihood, "decoder_norm": params.decoder_norm,
+                                            "prior": params.prior}}
 
     def build_task(self, train, *, image_size, channels, device, world_size, precision) -> VAETask:
         return VAETask(train, image_size=image_size, channels=channels, device=device, world_size=world_size, precision=precision)

@@ -49,10 +49,12 @@ def _log_standard_normal(z: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def elbo_per_image(model, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """ELBO per image, [B], in nats (Kingma & Welling 2014 eq. 10): log p(x | z) for one posterior
-    sample z ~ q(z | x), minus the analytic KL(q(z | x) || N(0, I)). Unbiased for the ELBO."""
+    sample z ~ q(z | x), minus KL(q(z | x) || p(z)): analytic for N(0, I), the model's own `kl`
+    (estimated at the same z) for a learned prior. Unbiased for the ELBO."""
     mu, logvar = model.encode(x)
     z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-    return log_px_given_z(model.decode(z), x, model.likelihood, model.log_sigma) - gaussian_kl(mu, logvar)
+    kl = model.kl(mu, logvar, z) if hasattr(model, "kl") else gaussian_kl(mu, logvar)
+    return log_px_given_z(model.decode(z), x, model.likelihood, model.log_sigma) - kl
 
 
 @torch.no_grad()
@@ -62,7 +64,7 @@ def iwae_bound(model, x: torch.Tensor, num_samples: int = 100, generator: torch.
 
         log (1/k) sum_i p(x, z_i) / q(z_i | x),   z_1..z_k ~ q(z | x),  k = ``num_samples``,
 
-    with log p(x, z) = log p(x | z) + log N(z; 0, I) and log q written out, combined with
+    with log p(x, z) = log p(x | z) + log p(z) (the model's `log_prior`, else N(0, I)) and log q written out, combined with
     logsumexp. k = 1 is the single-sample ELBO (in expectation); the bound increases with k to
     log p(x) (Burda et al. theorem 1). ``chunk_size`` posterior samples are decoded per forward
     (batch chunk_size * B), so memory is bounded whatever k.
@@ -82,6 +84,7 @@ def iwae_bound(model, x: torch.Tensor, num_samples: int = 100, generator: torch.
         decoder_out = model.decode(z.reshape(count * batch_size, -1))
         x_repeated = x.expand((count,) + x.shape).reshape((count * batch_size,) + x.shape[1:])
         log_px = log_px_given_z(decoder_out, x_repeated, model.likelihood, model.log_sigma).view(count, batch_size)
-        log_weights.append((log_px + _log_standard_normal(z) - log_q).to(torch.float64))
+        log_pz = model.log_prior(z) if hasattr(model, "log_prior") else _log_standard_normal(z)
+        log_weights.append((log_px + log_pz - log_q).to(torch.float64))
     log_weights = torch.cat(log_weights)  # [k, B]
     return torch.logsumexp(log_weights, dim=0) - math.log(num_samples)

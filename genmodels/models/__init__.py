@@ -58,11 +58,12 @@ def build_gan_generator(preset: str, *, image_size: int, channels: int, latent_d
 
 
 def build_vae(preset: str, *, image_size: int, channels: int, latent_dim: int,
-              width: int = 64, likelihood: str = "bernoulli") -> VAE:
-    """Return the VAE for ``preset`` (see ``VAE_PRESETS``)."""
+              width: int = 64, likelihood: str = "bernoulli", decoder_norm: str | None = None, prior: str = "normal") -> VAE:
+    """Return the VAE for ``preset`` (see ``VAE_PRESETS``); ``decoder_norm`` None: the preset's own."""
     build = _lookup("VAE", VAE_PRESETS, preset)
-    return build(image_size=image_size, channels=channels, latent_dim=latent_dim,
-                      width=width, likelihood=likelihood)
+    norm = {} if decoder_norm is None else {"decoder_norm": decoder_norm}
+    return build(image_size=image_size, channels=channels, latent_dim=latent_dim, width=width, likelihood=likelihood,
+                 prior=prior, **norm)
 
 
 GENERATORS: dict[str, Callable[..., nn.Module]] = {"gan_generator": build_gan_generator, "vae": build_vae}

@@ -58,27 +58,27 @@ class CenterCrop(nn.Module):
         return f"size={self.size}"
 
 
-def conv_decoder(*, image_size: int, channels: int, latent_dim: int, width: int) -> nn.Sequential:
+def conv_decoder(*, image_size: int, channels: int, latent_dim: int, width: int, norm: str = "batch") -> nn.Sequential:
     """DCGAN generator body: z [B, latent_dim] -> unbounded image [B, channels, S, S].
 
     Projects z to a base map (7x7 for 28, 4x4 for 32/64) with ``width * 2**(n-1)`` channels,
-    then n stride-2 ConvTranspose blocks (BatchNorm + ReLU, Radford et al. 2015 sec. 3) halve
-    the channels down to ``width``; a 3x3 conv maps to ``channels``.
+    then n stride-2 ConvTranspose blocks (``norm``, BatchNorm in DCGAN, + ReLU, Radford et al.
+    2015 sec. 3) halve the channels down to ``width``; a 3x3 conv maps to ``channels``.
     """
     check_choice("image_size", image_size, tuple(DCGAN_BASE_SIZES))
     base = DCGAN_BASE_SIZES[image_size]
     num_upsamples = (image_size // base).bit_length() - 1
     widths = [width * 2**k for k in reversed(range(num_upsamples))] + [width]
     layers: list[nn.Module] = [
-        nn.Linear(latent_dim, widths[0] * base * base, bias=False),
+        nn.Linear(latent_dim, widths[0] * base * base, bias=norm == "none"),
         nn.Unflatten(1, (widths[0], base, base)),
-        nn.BatchNorm2d(widths[0]),
+        norm2d(norm, widths[0]),
         nn.ReLU(),
     ]
     for c_in, c_out in zip(widths[:-1], widths[1:]):
-        # bias=False: the following BatchNorm's shift makes a conv bias redundant.
-        layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
-                   nn.BatchNorm2d(c_out), nn.ReLU()]
+        # No bias before a normalisation: its shift makes a conv bias redundant.
+        layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=norm == "none"),
+                   norm2d(norm, c_out), nn.ReLU()]
     layers.append(nn.Conv2d(width, channels, 3, padding=1))
     return nn.Sequential(*layers)
 

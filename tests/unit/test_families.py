@@ -111,7 +111,7 @@ def test_gan_step_under_bf16_autocast_and_loss_scaling_for_every_loss(loss, d_no
 
 
 def test_vae_statistics_come_from_posterior_draws_of_the_attached_training_images():
-    task = _task("vae")
+    task = _task("vae", decoder_norm="batch")
     task.train_step(_batch(), 0)
     task.refresh_ema()  # no images attached: prior draws
     prior = [b.clone() for b in task.ema.buffers()]
@@ -120,3 +120,29 @@ def test_vae_statistics_come_from_posterior_draws_of_the_attached_training_image
     task.refresh_ema()
     assert torch.equal(torch.get_rng_state(), rng)
     assert any(not torch.equal(a, b) for a, b in zip(prior, task.ema.buffers()))
+
+
+def test_the_default_vae_decoder_has_no_batchnorm_and_the_seed_preset_refuses_one():
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in _task("vae").ema.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in _task("vae", decoder_norm="batch").ema.modules())
+    with pytest.raises(ValueError, match='decoder_norm .batch. is invalid with preset "seed"'):
+        _params("vae", preset="seed", decoder_norm="batch")
+
+
+def test_gan_augments_what_d_sees_in_the_d_step_and_in_the_g_step():
+    task = _task("gan", augment=["cutout"])
+    seen = []
+    task.D.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    task.train_step(torch.full((BATCH, 1, IMAGE_SIZE, IMAGE_SIZE), -1.0), step=0)
+    assert len(seen) == 2  # one D forward per step of each network
+    for images in seen:  # real images are all -1: cut-out squares are the only zeros in their half
+        assert ((images[:BATCH] == 0).flatten(1).sum(1) > 0).all()
+
+
+def test_a_vae_with_a_flow_prior_trains_the_prior_under_bf16_autocast():
+    task = _task("vae", precision=BF16_SCALED, prior="flow")
+    metrics = task.train_step(_batch(), 0)
+    assert all(torch.isfinite(v) for v in metrics.values()), metrics
+    model = task.model
+    assert all(p.grad is not None for p in model.prior.parameters())
+    assert not torch.equal(model.prior.nets[0][-1].weight, torch.zeros_like(model.prior.nets[0][-1].weight))

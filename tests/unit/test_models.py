@@ -17,6 +17,8 @@ import genmodels.models.vae
 from genmodels.config import VAEParams, load_params
 from genmodels.models import GAN_PRESETS, VAE_PRESETS, build_gan, build_vae
 from genmodels.train.ema import ema_update, standing_batchnorm_stats
+from genmodels.losses import gaussian_kl
+from genmodels.models.vae import FlowPrior, log_standard_normal
 
 WIDTH, LATENT_DIM, BATCH = 8, 6, 2
 GAN_CASES = [("dcgan", s, c) for s in (28, 32, 64) for c in (1, 3)] + [("seed", s, c) for s in (28, 32) for c in (1, 3)]
@@ -135,8 +137,9 @@ def test_model_files_import_no_infrastructure(module):
 def test_vae_shapes(preset, image_size, channels, likelihood):
     vae = tiny_vae(preset, image_size, channels, likelihood)
     x = torch.rand(BATCH, channels, image_size, image_size) * 2 - 1
-    out, mu, logvar = vae(x)
-    assert out.shape == x.shape and vae.decode(mu).shape == x.shape
+    out, kl = vae(x)
+    mu, logvar = vae.encode(x)
+    assert out.shape == x.shape and vae.decode(mu).shape == x.shape and kl.shape == (BATCH,)
     assert mu.shape == logvar.shape == (BATCH, LATENT_DIM)
     assert vae.sample(3).shape == (3, channels, image_size, image_size)
     assert vae.reconstruct(x).shape == x.shape
@@ -177,7 +180,7 @@ def test_vae_forward_samples_z_and_gradient_reaches_encoder_logvar_head():
     torch.manual_seed(0)
     vae = tiny_vae("seed")
     x = torch.rand(BATCH, 1, 28, 28) * 2 - 1
-    out, _, _ = vae(x)
+    out, _ = vae(x)
     assert not torch.equal(out, vae(x)[0])  # a fresh eps each forward
     out.sum().backward()
     head = vae.encoder[-1]  # rows [:latent] -> mu, rows [latent:] -> logvar
@@ -249,3 +252,38 @@ def test_ema_decay_interpolates():
     torch.testing.assert_close(ema[0].weight.detach(), expected)
     with pytest.raises(ValueError, match="1.5"):
         ema_update(ema, model, decay=1.5)
+
+
+def _random_flow(latent_dim: int = 4) -> FlowPrior:
+    torch.manual_seed(0)
+    flow = FlowPrior(latent_dim)
+    for net in flow.nets:
+        torch.nn.init.normal_(net[-1].weight, std=0.3)
+    return flow
+
+
+def test_a_fresh_flow_prior_is_the_standard_normal():
+    flow, eps = FlowPrior(4), torch.randn(16, 4)
+    assert torch.equal(flow(eps), eps)
+    torch.testing.assert_close(flow.log_prob(eps), log_standard_normal(eps))
+
+
+def test_flow_prior_density_is_the_change_of_variables_of_its_sampler():
+    flow = _random_flow()
+    for eps in torch.randn(5, 4):
+        z = flow(eps[None])[0]
+        jacobian = torch.autograd.functional.jacobian(lambda e: flow(e[None])[0], eps)
+        expected = log_standard_normal(eps) - torch.linalg.slogdet(jacobian).logabsdet
+        torch.testing.assert_close(flow.log_prob(z[None])[0], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(flow(torch.ones(1, 4)), torch.ones(1, 4))
+
+
+def test_the_flow_prior_kl_estimate_is_unbiased_and_samples_go_through_the_flow():
+    vae = build_vae("conv", image_size=28, channels=1, latent_dim=4, width=4, prior="flow")
+    mu, logvar = torch.randn(3, 4), torch.randn(3, 4) * 0.3
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(20000, 3, 4)
+    estimate = vae.kl(mu, logvar, z).mean(0)  # the flow starts as the identity: N(0, I)
+    torch.testing.assert_close(estimate, gaussian_kl(mu, logvar), atol=0.05, rtol=0.02)
+    vae.prior = _random_flow()
+    eps = torch.randn(2, 4)
+    torch.testing.assert_close(vae.generate(eps), vae.to_image(vae.decode(vae.prior(eps))).clamp(-1, 1))

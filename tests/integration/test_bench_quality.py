@@ -1,0 +1,44 @@
+"""`bench/quality.py --smoke`: the whole side-by-side machinery (prepare, featurizer, the default
+through `genmodels train` on Ray, both baselines, scoring, table and picture) in seconds. It
+checks the structure of what the bench writes, never its numbers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+
+METRICS = {"fid", "fid_bootstrap_std", "kid", "precision", "recall", "density", "coverage", "classes_under_half_share",
+           "wall_s", "num_steps"}
+VAE_BOUNDS = {"neg_elbo_bce", "neg_iwae_bce", "neg_elbo_binarised"}
+
+
+def test_smoke_run_writes_a_side_by_side_table_results_and_grids(repo_root, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    done = subprocess.run([sys.executable, "bench/quality.py", "--smoke", "--out", str(tmp_path)], cwd=repo_root, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"gan", "vae"}
+    for family, result in results.items():
+        expected = METRICS | (VAE_BOUNDS if family == "vae" else set())
+        assert expected <= set(result["default"]) and expected <= set(result["baseline"]), family
+        assert result["default"]["num_steps"] == 4 and result["baseline"]["wall_s"] >= result["budget_s"]
+
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert "| family | metric | default | baseline | default / baseline |" in table
+    rows = [line.split("|")[1:-1] for line in table if line.startswith("| gan ") or line.startswith("| vae ")]
+    shown = {(family.strip(), metric.strip()) for family, metric, *_ in rows}
+    assert {("gan", m) for m in METRICS} | {("vae", m) for m in METRICS | VAE_BOUNDS} <= shown
+    assert all(len(row) == 5 for row in rows)
+    assert "\n".join(table) in done.stdout  # printed as written
+    targets = [line for line in table if line.startswith("target ")]
+    assert [t.split(":")[0] for t in targets] == ["target gan fid", "target vae fid", "target vae neg_elbo_bce"]
+
+    width, height = Image.open(tmp_path / "grids.png").size
+    assert width > 2 * 8 * 28 and height > 2 * 8 * 28  # per family a row: default's grid, baseline's grid
