@@ -79,7 +79,8 @@ class GANParams(_Section):
     d_steps_per_g_step: Annotated[int, Field(ge=1, le=20)] = 1
     augment: list[Literal["color", "translation", "cutout"]] = []
     """DiffAugment policy (Zhao et al. 2020): transforms applied to real and fake images before every
-    D forward (`genmodels.augment`), in the order given; [] trains without."""
+    D forward (`genmodels.augment`), in the order given; [] trains without. With wgan-gp the
+    penalty then constrains the gradient of D after the transform."""
     ema_decay: Annotated[float, Field(ge=0, le=1)] = 0.999
     num_steps: Annotated[int, Field(ge=1)] = 1500
     """Generator steps."""
@@ -105,9 +106,9 @@ class VAEParams(_Section):
     latent_dim: Annotated[int, Field(ge=1, le=4096)] = 16
     width: Annotated[int, Field(ge=4, le=1024)] = 32
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
-    decoder_norm: Literal["batch", "layer", "none"] = "none"
-    """Normalisation in the conv preset's decoder (`genmodels.models.vae.conv_vae`); the seed
-    preset's decoder has none."""
+    decoder_norm: Literal["batch", "layer", "none"] | None = None
+    """Normalisation in the conv preset's decoder (`genmodels.models.vae.conv_vae`); None: the
+    preset's own (conv: batch, what configs written before this key hold; seed: none)."""
     prior: Literal["normal", "flow"] = "normal"
     """N(0, I), or a learned RealNVP prior (`genmodels.models.vae.FlowPrior`)."""
     beta: Annotated[float, Field(ge=0)] = 1.0
@@ -120,9 +121,11 @@ class VAEParams(_Section):
 
     @model_validator(mode="after")
     def _seed_decoder_has_no_norm(self) -> "VAEParams":
-        if self.preset == "seed" and self.decoder_norm != "none":
+        if self.preset == "seed" and self.decoder_norm not in (None, "none"):
             raise ValueError(f'decoder_norm {self.decoder_norm!r} is invalid with preset "seed": the blog\'s decoder has no '
                              'normalisation; use "none"')
+        if self.prior == "flow" and self.latent_dim < 2:
+            raise ValueError(f'prior "flow" needs latent_dim >= 2 (its couplings split z in two); got {self.latent_dim}')
         return self
 
 

@@ -67,7 +67,7 @@ class VAETask:
         def forward(generator: torch.Generator) -> None:
             x = next(batches)
             if x is None:
-                z = torch.randn(batch, self.params.vae.latent_dim, generator=generator, device=self.device)
+                z = ema.from_noise(torch.randn(batch, self.params.vae.latent_dim, generator=generator, device=self.device))
             else:
                 mu, logvar = ema.encode(to_float(x.to(self.device)))
                 z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=self.device)

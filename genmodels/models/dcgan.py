@@ -66,6 +66,7 @@ def conv_decoder(*, image_size: int, channels: int, latent_dim: int, width: int,
     2015 sec. 3) halve the channels down to ``width``; a 3x3 conv maps to ``channels``.
     """
     check_choice("image_size", image_size, tuple(DCGAN_BASE_SIZES))
+    check_choice("decoder norm", norm, D_NORMS)
     base = DCGAN_BASE_SIZES[image_size]
     num_upsamples = (image_size // base).bit_length() - 1
     widths = [width * 2**k for k in reversed(range(num_upsamples))] + [width]

@@ -129,7 +129,7 @@ class VAE(nn.Module):
         """Images -> (decoder output for one posterior draw z, KL per image): everything the ELBO
         needs from one forward (the flow prior's weights too, so DDP sees them used)."""
         mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar)
+        z = self.reparameterize(mu.float(), logvar.float())  # fp32 under autocast: the KL's log q needs z exactly
         return self.decode(z), self.kl(mu, logvar, z)
 
     def to_image(self, decoder_out: torch.Tensor) -> torch.Tensor:

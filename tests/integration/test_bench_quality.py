@@ -27,18 +27,23 @@ def test_smoke_run_writes_a_side_by_side_table_results_and_grids(repo_root, tmp_
     assert set(results) == {"gan", "vae"}
     for family, result in results.items():
         expected = METRICS | (VAE_BOUNDS if family == "vae" else set())
-        assert expected <= set(result["default"]) and expected <= set(result["baseline"]), family
-        assert result["default"]["num_steps"] == 4 and result["baseline"]["wall_s"] >= result["budget_s"]
+        for run in (result, result["shipped"]):  # at the budget; at the shipped num_steps' wall time (a snapshot)
+            assert expected <= set(run["default"]) and expected <= set(run["baseline"]), family
+            assert run["baseline"]["wall_s"] >= run["budget_s"]
+        assert result["default"]["num_steps"] == 4
+        assert result["shipped"]["baseline"]["num_steps"] < result["baseline"]["num_steps"]
 
     table = (tmp_path / "table.md").read_text().splitlines()
-    assert "| family | metric | default | baseline | default / baseline |" in table
+    assert "| family | budget | metric | default | baseline | default / baseline |" in table
     rows = [line.split("|")[1:-1] for line in table if line.startswith("| gan ") or line.startswith("| vae ")]
-    shown = {(family.strip(), metric.strip()) for family, metric, *_ in rows}
-    assert {("gan", m) for m in METRICS} | {("vae", m) for m in METRICS | VAE_BOUNDS} <= shown
-    assert all(len(row) == 5 for row in rows)
+    assert all(len(row) == 6 for row in rows)
+    shown = {(family.strip(), "shipped" in budget, metric.strip()) for family, budget, metric, *_ in rows}
+    for shipped in (False, True):
+        assert {("gan", shipped, m) for m in METRICS} | {("vae", shipped, m) for m in METRICS | VAE_BOUNDS} <= shown
     assert "\n".join(table) in done.stdout  # printed as written
-    targets = [line for line in table if line.startswith("target ")]
-    assert [t.split(":")[0] for t in targets] == ["target gan fid", "target vae fid", "target vae neg_elbo_bce"]
+    targets = [line.split(":")[0].split(" (")[0] for line in table if line.startswith("target ")]
+    assert targets == ["target gan fid", "target gan fid at the shipped num_steps' wall time", "target vae fid",
+                       "target vae neg_elbo_bce"]
 
     width, height = Image.open(tmp_path / "grids.png").size
     assert width > 2 * 8 * 28 and height > 2 * 8 * 28  # per family a row: default's grid, baseline's grid

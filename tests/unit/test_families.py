@@ -122,11 +122,19 @@ def test_vae_statistics_come_from_posterior_draws_of_the_attached_training_image
     assert any(not torch.equal(a, b) for a, b in zip(prior, task.ema.buffers()))
 
 
-def test_the_default_vae_decoder_has_no_batchnorm_and_the_seed_preset_refuses_one():
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in _task("vae").ema.modules())
-    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in _task("vae", decoder_norm="batch").ema.modules())
+def test_the_shipped_vae_decoder_has_no_batchnorm_and_a_config_without_the_key_keeps_its_own(repo_root):
+    from genmodels.config import load_params
+
+    def has_batchnorm(task) -> bool:
+        return any(isinstance(m, torch.nn.BatchNorm2d) for m in task.ema.modules())
+
+    assert load_params(repo_root / "params.yaml").train.vae.decoder_norm == "none"
+    assert not has_batchnorm(_task("vae", decoder_norm="none"))
+    assert has_batchnorm(_task("vae"))  # a config.json written before decoder_norm existed rebuilds what it trained
     with pytest.raises(ValueError, match='decoder_norm .batch. is invalid with preset "seed"'):
         _params("vae", preset="seed", decoder_norm="batch")
+    with pytest.raises(ValueError, match='prior "flow" needs latent_dim >= 2'):
+        _params("vae", prior="flow", latent_dim=1)
 
 
 def test_gan_augments_what_d_sees_in_the_d_step_and_in_the_g_step():
