@@ -32,6 +32,7 @@ def test_smoke_run_writes_a_side_by_side_table_results_and_grids(repo_root, tmp_
             assert run["baseline"]["wall_s"] >= run["budget_s"]
         assert result["default"]["num_steps"] == 4
         assert result["shipped"]["baseline"]["num_steps"] < result["baseline"]["num_steps"]
+        assert result["shipped"]["baseline"]["fid"] != result["baseline"]["fid"]  # a copy, not the model trained on
 
     table = (tmp_path / "table.md").read_text().splitlines()
     assert "| family | budget | metric | default | baseline | default / baseline |" in table
