@@ -17,6 +17,7 @@ import math
 import torch
 
 from genmodels.losses import gaussian_kl, reconstruction_nll
+from genmodels.models.vae import log_standard_normal
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -39,11 +40,6 @@ def log_px_given_z(decoder_out: torch.Tensor, x: torch.Tensor, likelihood: str,
                    log_sigma: torch.Tensor | None) -> torch.Tensor:
     """log p(x | z) per image, [B], in nats: minus ``genmodels.losses.reconstruction_nll``."""
     return -reconstruction_nll(decoder_out, x, likelihood, log_sigma)
-
-
-def _log_standard_normal(z: torch.Tensor) -> torch.Tensor:
-    """log N(z; 0, I) summed over the last dimension."""
-    return -0.5 * (z.square() + _LOG_2PI).sum(-1)
 
 
 @torch.no_grad()
@@ -84,7 +80,7 @@ def iwae_bound(model, x: torch.Tensor, num_samples: int = 100, generator: torch.
         decoder_out = model.decode(z.reshape(count * batch_size, -1))
         x_repeated = x.expand((count,) + x.shape).reshape((count * batch_size,) + x.shape[1:])
         log_px = log_px_given_z(decoder_out, x_repeated, model.likelihood, model.log_sigma).view(count, batch_size)
-        log_pz = model.log_prior(z) if hasattr(model, "log_prior") else _log_standard_normal(z)
+        log_pz = model.log_prior(z) if hasattr(model, "log_prior") else log_standard_normal(z)
         log_weights.append((log_px + log_pz - log_q).to(torch.float64))
     log_weights = torch.cat(log_weights)  # [k, B]
     return torch.logsumexp(log_weights, dim=0) - math.log(num_samples)

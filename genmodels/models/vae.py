@@ -97,7 +97,7 @@ class VAE(nn.Module):
         """KL(q(z | x) || p(z)) per image, [B], in nats: analytic for N(0, I) (Kingma & Welling 2014
         appendix B), else log q(z | x) - log p(z) at the posterior draw ``z``. Computed in fp32."""
         mu, logvar, z = mu.float(), logvar.float(), z.float()
-        if self.prior is None:
+        if self.prior is None:  # `genmodels.losses.gaussian_kl`, written out: this package imports no genmodels
             return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(-1)
         with torch.autocast(z.device.type, enabled=False):
             log_q = -0.5 * ((z - mu).square() * torch.exp(-logvar) + logvar + _LOG_2PI).sum(-1)
