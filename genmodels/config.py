@@ -120,7 +120,7 @@ class VAEParams(_Section):
     RESUMABLE: ClassVar[frozenset[str]] = frozenset({"lr", "beta", "ema_decay"})
 
     @model_validator(mode="after")
-    def _seed_decoder_has_no_norm(self) -> "VAEParams":
+    def _architecture_fits_the_preset(self) -> "VAEParams":
         if self.preset == "seed" and self.decoder_norm not in (None, "none"):
             raise ValueError(f'decoder_norm {self.decoder_norm!r} is invalid with preset "seed": the blog\'s decoder has no '
                              'normalisation; use "none"')

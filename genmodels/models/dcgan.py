@@ -23,7 +23,7 @@ def check_choice(name: str, value, allowed) -> None:
 
 
 def norm2d(kind: str, num_channels: int) -> nn.Module:
-    """Feature normalisation for D. "layer" is GroupNorm with one group, i.e. LayerNorm over
+    """Feature normalisation for D (and the VAE decoder). "layer" is GroupNorm with one group, i.e. LayerNorm over
     (C, H, W) per image: Gulrajani et al. 2017 sec. 4 recommend it for WGAN-GP, whose per-sample
     gradient penalty is invalid when BatchNorm mixes the samples of a batch."""
     check_choice("d_norm", kind, D_NORMS)

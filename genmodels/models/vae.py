@@ -165,7 +165,7 @@ def conv_vae(*, image_size: int, channels: int, latent_dim: int, width: int = 64
 
     ``decoder_norm`` "none" drops the generator body's BatchNorm: a VAE decoder meets posterior
     draws in the ELBO and prior draws when sampling, and no one set of BatchNorm statistics fits
-    both (bench/RESULTS.md); without it, samples and ELBO both improve (bench/quality.py). The
+    both (bench/RESULTS.md); without it, samples and ELBO both improve (bench/RESULTS.md's probes). The
     default "batch" is what models exported before the option existed hold."""
     body, num_features = conv_encoder(image_size=image_size, channels=channels, width=width, norm="none")
     encoder = nn.Sequential(body, nn.Linear(num_features, 2 * latent_dim))
