@@ -312,7 +312,8 @@ def run_bench(params, families, budgets: dict, work: Path, *, smoke: bool) -> tu
         if snapshots:  # equal budget here too: the baseline's copy at the shipped run's wall time
             row_shipped = default_row(*shipped) if shipped is not ours else dict(row_ours)
             row_base = baseline_row(*snapshots[0])
-            row_shipped.pop("samples", None), row_base.pop("samples")
+            row_shipped.pop("samples", None)
+            row_base.pop("samples")
             results[family]["shipped"] = {"budget_s": shipped_s, "default": row_shipped, "baseline": row_base}
         else:
             results[family]["shipped_over_budget_s"] = shipped_s  # no baseline copy that old: said in the targets
