@@ -178,12 +178,17 @@ def train_examples_vae(shards: Path, budget_s: float, seed: int = 0, snapshot_s:
 
 # ---- the project's default, through `genmodels train` ----------------------------------------
 
-def train_default(params, family: str, work: Path, shards: Path, featurizer: Path, name: str, num_steps: int):
-    """(exported model, {"wall_s", "num_steps"}): one `genmodels train` run of `num_steps`."""
+def _train_run(params, family: str, work: Path, shards: Path, featurizer: Path, name: str, num_steps: int) -> dict:
+    """One `genmodels train` run of `num_steps`; its summary (what train_<family>.json holds)."""
     run_params = params.model_copy(update={"train": apply_overrides(params.train, {
         f"train.{family}.num_steps": num_steps, "train.run_name": name, "train.storage_path": str(work / "ray_results")})})
-    summary = train(run_params, family, shards=shards, models_dir=work / name / "models", metrics_dir=work / name / "metrics",
-                    project_dir=work, featurizer_dir=featurizer)
+    return train(run_params, family, shards=shards, models_dir=work / name / "models", metrics_dir=work / name / "metrics",
+                 project_dir=work, featurizer_dir=featurizer)
+
+
+def train_default(params, family: str, work: Path, shards: Path, featurizer: Path, name: str, num_steps: int):
+    """(exported model, {"wall_s", "num_steps"}): one `genmodels train` run of `num_steps`."""
+    summary = _train_run(params, family, work, shards, featurizer, name, num_steps)
     return load_exported(work / name / "models" / family), {"wall_s": summary["wall_s"], "num_steps": num_steps}
 
 
@@ -193,12 +198,11 @@ def calibrated_steps(params, family: str, work: Path, shards: Path, featurizer: 
     run of `calibration_steps`: its fixed cost (start-up, the final evaluation, export) plus the
     time per step, each periodic evaluation counted at half that fixed cost (an upper bound of the
     measured ones)."""
-    _, calibration = train_default(params, family, work, shards, featurizer, f"{family}-calibration", calibration_steps)
-    summary = json.loads((work / f"{family}-calibration" / "metrics" / f"train_{family}.json").read_text())
+    summary = _train_run(params, family, work, shards, featurizer, f"{family}-calibration", calibration_steps)
     per_step = summary["world_size"] * params.train.batch_size_per_worker / summary["img_per_s"]
-    fixed = max(calibration["wall_s"] - calibration_steps * per_step, 0.0)
+    fixed = max(summary["wall_s"] - calibration_steps * per_step, 0.0)
     evals_per_step = 1 / params.train.eval_every_steps if params.train.eval_every_steps else 0.0
-    return max(int(0.95 * (budget_s - fixed) / (per_step + evals_per_step * fixed / 2)), 1), calibration["wall_s"]
+    return max(int(0.95 * (budget_s - fixed) / (per_step + evals_per_step * fixed / 2)), 1), summary["wall_s"]
 
 
 # ---- scoring -----------------------------------------------------------------------------------

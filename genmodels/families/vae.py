@@ -78,7 +78,7 @@ class VAETask:
     @torch.no_grad()
     def sample_grid_images(self) -> dict[str, torch.Tensor]:
         model = self.ema  # with ema_decay 0 the EMA is a copy of the latest weights
-        grids = {"samples": model.to_image(model.decode(model.from_noise(self.z_fixed)))}
+        grids = {"samples": model.generate(self.z_fixed)}
         if self.recon_batch is not None:
             grids["reconstructions"] = torch.cat([self.recon_batch, model.reconstruct(self.recon_batch)])
         return grids

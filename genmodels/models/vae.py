@@ -148,8 +148,7 @@ class VAE(nn.Module):
         """Decode ``num_samples`` draws z ~ N(0, I) into images in [-1, 1]. ``generator`` must
         live on the model's device."""
         ref = next(self.parameters())
-        z = torch.randn(num_samples, self.latent_dim, generator=generator, device=ref.device, dtype=ref.dtype)
-        return self.to_image(self.decode(self.from_noise(z)))
+        return self.generate(torch.randn(num_samples, self.latent_dim, generator=generator, device=ref.device, dtype=ref.dtype))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
