@@ -287,3 +287,17 @@ def test_the_flow_prior_kl_estimate_is_unbiased_and_samples_go_through_the_flow(
     vae.prior = _random_flow()
     eps = torch.randn(2, 4)
     torch.testing.assert_close(vae.generate(eps), vae.to_image(vae.decode(vae.prior(eps))).clamp(-1, 1))
+
+
+def test_the_flow_prior_kl_under_bf16_autocast_is_taken_at_an_fp32_draw():
+    """log q(z | x) divides (z - mu)^2 by the posterior variance: a z rounded to bf16 biases it."""
+    vae = build_vae("conv", image_size=28, channels=1, latent_dim=4, width=4, prior="flow")
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    with torch.autocast("cpu", torch.bfloat16):
+        torch.manual_seed(0)
+        _, kl = vae(x)
+        mu, logvar = vae.encode(x)
+    torch.manual_seed(0)
+    eps = torch.randn(mu.shape, dtype=torch.float32)
+    z = mu.float() + torch.exp(0.5 * logvar.float()) * eps
+    torch.testing.assert_close(kl, vae.kl(mu, logvar, z))
