@@ -14,7 +14,7 @@ export RAY_AUTH_MODE ?= disabled
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: install run test browser bench clean FORCE
+.PHONY: install run test browser postgres bench clean FORCE
 
 install: $(STAMP)
 
@@ -39,7 +39,7 @@ run: install
 	@genmodels status
 
 # -X faulthandler: a crash after pytest's own handler is gone (at interpreter exit) still prints its stacks.
-test: install browser
+test: install browser postgres
 	python -X faulthandler -m pytest
 
 # The report test drives a real headless Chromium: Debian's packages, never a downloaded build.
@@ -48,6 +48,14 @@ browser:
 	  test "$$(id -u)" = 0 || { echo "make test needs chromium and chromedriver: sudo apt-get install chromium chromium-driver" >&2; exit 1; }; \
 	  apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null || \
 	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; }; }
+
+# The tracking-load test starts throwaway PostgreSQL clusters of its own (as the package's
+# `postgres` user when run as root) from Debian's server binaries, never the package's cluster.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  test "$$(id -u)" = 0 || { echo "make test needs PostgreSQL's server: sudo apt-get install postgresql" >&2; exit 1; }; \
+	  apt-get install -y -q --no-install-recommends postgresql >/dev/null || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends postgresql >/dev/null; }; }
 
 bench: install
 	python bench/data.py

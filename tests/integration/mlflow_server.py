@@ -1,7 +1,8 @@
-"""A real `mlflow server` (sqlite backend, proxied artifacts) for integration tests.
+"""A real `mlflow server` (sqlite backend unless told another, proxied artifacts) for integration tests.
 
     with start_mlflow_server(tmp_path) as url:      # "http://127.0.0.1:PORT"
         MlflowClient(tracking_uri=url)...
+    start_mlflow_server(tmp_path, backend_store_uri="postgresql+psycopg2://...")   # see postgres_server.py
 """
 
 from __future__ import annotations
@@ -38,16 +39,18 @@ def _healthy(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def start_mlflow_server(root: Path) -> Iterator[str]:
-    """Start a server storing into `root`, yield its URL once /health answers, stop its process group."""
+def start_mlflow_server(root: Path, backend_store_uri: str | None = None, workers: int = 1) -> Iterator[str]:
+    """Start a server storing into `root` (runs in `root/server.db` unless `backend_store_uri` names
+    another store) with `workers` uvicorn workers, yield its URL once /health answers, stop its
+    process group."""
     root.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
         str(Path(sys.executable).parent / "mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{(root / 'server.db').resolve()}",
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{(root / 'server.db').resolve()}",
         "--artifacts-destination", str((root / "artifacts").resolve()),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
     ]
     # The huey job runner is off: it is one more process group member, and no test uses jobs.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -86,3 +89,59 @@ def _stop(process: subprocess.Popen) -> None:
 
 def _tail(path: Path, num_chars: int = 4000) -> str:
     return path.read_text(errors="replace")[-num_chars:]
+
+
+class MlflowServer:
+    """A server that a test takes down mid-run and brings back: the same port, the same stores.
+
+        server = MlflowServer(tmp_path)
+        server.start()      # server.url: "http://127.0.0.1:PORT"
+        server.kill()       # down at once, as a crash
+        server.start()      # back, with every run it had
+        server.stop()
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start it, and return once /health answers."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        command = [
+            str(Path(sys.executable).parent / "mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{(self.root / 'server.db').resolve()}",
+            "--artifacts-destination", str((self.root / "artifacts").resolve()),
+            "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], "--workers", "1",
+        ]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        log_path = self.root / "server.log"
+        with open(log_path, "ab") as log:  # appended: one log across restarts
+            self._process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _healthy(self.url):
+            if self._process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self._process.returncode}:\n{_tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server on {self.url} not healthy after {START_TIMEOUT_S:.0f} s:\n{_tail(log_path)}")
+            time.sleep(POLL_INTERVAL_S)
+
+    def kill(self) -> None:
+        """SIGKILL to its process group, as a crash leaves it; returns once every member is gone."""
+        process, self._process = self._process, None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        with contextlib.suppress(ProcessLookupError):
+            while time.monotonic() < deadline:
+                os.killpg(process.pid, 0)  # raises ProcessLookupError once the group is empty
+                time.sleep(0.05)
+            raise RuntimeError(f"mlflow server on {self.url}: process group {process.pid} outlived SIGKILL")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            _stop(self._process)
+            self._process = None
