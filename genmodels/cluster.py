@@ -7,12 +7,15 @@ to that cluster.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import re
+import subprocess
+import sys
 
 import ray
 
+from genmodels.credentials import secret_name, url_credentials
 from genmodels.progress import local_ray_env
 
 
@@ -27,7 +30,65 @@ def ensure_ray() -> None:
         # nothing to talk to. Its workers inherit this process's environment.
         for key, value in local_ray_env().items():
             os.environ.setdefault(key, value)
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+        with _loopback_node():
+            ray.init(address="local", include_dashboard=True, dashboard_host=LOOPBACK, logging_level=logging.WARNING)
+        _reap_when_gone(os.getpid())
+
+
+# Waits for EOF on stdin, a pipe whose write end only the driver holds: the driver is gone, by
+# any exit, SIGKILL included. Then kills the processes it was given (pid, start time), unless the
+# pid now names another process.
+_REAPER = """
+import sys, psutil
+sys.stdin.buffer.read()
+for pid, created in zip(sys.argv[1::2], sys.argv[2::2]):
+    try:
+        process = psutil.Process(int(pid))
+        if process.create_time() == float(created):
+            process.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def _reap_when_gone(driver: int) -> None:
+    """Make the local Ray die with its driver. Ray starts its head processes (GCS, raylet,
+    dashboard) to die with their parent (PR_SET_PDEATHSIG), but not the dashboard and runtime-env
+    agents the raylet starts: a driver killed by SIGKILL left those two running for good (Ray
+    2.60), holding their ports. A reaper in its own session outlives the driver and kills what
+    was started under it."""
+    import psutil
+
+    started = psutil.Process(driver).children(recursive=True)
+    args = [str(value) for p in started for value in (p.pid, p.create_time())]
+    reaper = subprocess.Popen([sys.executable, "-c", _REAPER, *args], stdin=subprocess.PIPE, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _REAPERS.append(reaper)  # its pipe stays open for as long as this process lives
+
+
+_REAPERS: list[subprocess.Popen] = []
+
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def _loopback_node():
+    """A Ray started here is reachable from this host only. Ray gives a node the address other
+    hosts reach it at, and then its GCS, raylet, workers and agents listen on every interface
+    (no authentication: anyone on the network could run code here); only a node whose address is
+    127.0.0.1 keeps them all on loopback. Ray takes that address only with its multi-host mode
+    off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, its default on macOS and Windows), a switch it
+    reads once, when imported: turned off for this start only (Ray's processes get the address as
+    an argument). tests/integration/test_faults_secrets.py checks the listening sockets."""
+    from ray._private import ray_constants
+
+    multi_host = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = multi_host
 
 
 def preflight(*, num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str = "train") -> None:
@@ -110,7 +171,6 @@ def _autoscaling() -> bool:
 # variables travel with a job; credentials come from the cluster side (node environment, a
 # Kubernetes Secret).
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", SHARED_PATHS_ENV, "GENMODELS_CHAOS")
-_SECRET_WORDS = {"PASSWORD", "PASSWD", "PASS", "SECRET", "TOKEN", "KEY", "CREDENTIAL", "CREDENTIALS", "AUTH", "PRIVATE"}
 SHIPPED_ARTIFACTS = ("models/featurizer",)
 """Ignored by git (DVC outputs) but small and needed by the job: added to its working_dir."""
 TERMINAL_OK = "SUCCEEDED"
@@ -120,13 +180,13 @@ def check_not_secret(env: dict[str, str], command: list[str]) -> None:
     """Refuse what would show credentials in the job's info: variables named like credentials
     (by `_`-separated word: API_KEY, DB_PASS; not TOKENIZERS_PARALLELISM) and URLs with a user or
     password, in the variables or in the command."""
-    for name, value in env.items():
-        if _SECRET_WORDS & set(re.split(r"[_\W]+", name.upper())):
+    for name in env:
+        if secret_name(name):
             raise ValueError(f"--env {name}: looks like a credential; the runtime env is shown by the dashboard and "
                              f"`ray job list`: give it to the cluster's nodes (environment, Kubernetes Secret) instead")
     for where, value in [*((f"{name}", v) for name, v in env.items()), *(("the command", arg) for arg in command)]:
-        for url in re.findall(r"[a-z][a-z0-9+.-]*://[^\s/]*@", value, flags=re.I):
-            raise ValueError(f"{where}: a URL with credentials ({url.split('://')[0]}://...@) would be shown by the dashboard "
+        for scheme in url_credentials(value):
+            raise ValueError(f"{where}: a URL with credentials ({scheme}://...@) would be shown by the dashboard "
                              f"and `ray job list`; set them on the cluster's nodes instead (MLFLOW_TRACKING_USERNAME/PASSWORD, "
                              f"AWS_* variables, a Kubernetes Secret)")
 
