@@ -10,6 +10,7 @@ mtime/owner/mode, written in a fixed order, so the same input gives byte-identic
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from genmodels.config import PrepareParams
 from genmodels.data.sources import BadImage, Record, open_source
 from genmodels.data.transforms import resize_center_crop, to_channels
-from genmodels.files import file_sha256, replace_dir, staging_dir
+from genmodels.files import file_sha256, free_space, out_of_space, replace_dir, size_text, staging_dir
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val")
@@ -142,8 +143,15 @@ def prepare_shards(params: PrepareParams, out_dir: str | Path, *, progress: bool
         text = json.dumps(manifest.model_dump(exclude={"location"}), indent=2, sort_keys=True) + "\n"
         (tmp / MANIFEST_NAME).write_text(text)
         replace_dir(tmp, out_dir)
-    except BaseException:
+    except BaseException as err:
+        written = sum(p.stat().st_size for p in tmp.iterdir()) if tmp.is_dir() else 0
         shutil.rmtree(tmp, ignore_errors=True)
+        if out_of_space(err):  # a write error names no file: say where, and how much was needed
+            raise PrepareError(
+                f"prepare: {err.strerror} on the filesystem of {out_dir} after writing {size_text(written)} of new "
+                f"shards ({free_space(out_dir)} now); previous shards left untouched (new shards are written beside "
+                "them, then swapped in): free space there, or prepare elsewhere with --out"
+            ) from err
         raise
     return manifest.model_copy(update={"location": str(out_dir)})
 
@@ -168,8 +176,15 @@ def _write_split(tmp, split, records, source, params, rejected, bar) -> SplitInf
             # Short ASCII names and an integer mtime: tarfile writes plain USTAR headers (no pax
             # records), the only flavour `iter_samples` accepts.
             writer = wds.TarWriter(stream, user="genmodels", group="genmodels", mode=0o444, mtime=0, encoder=False)
-            for i, (png, label) in enumerate(chunk):
-                writer.write({"__key__": f"{split}-{offset + i:08d}", "png": png, "cls": str(label).encode()})
+            try:
+                for i, (png, label) in enumerate(chunk):
+                    writer.write({"__key__": f"{split}-{offset + i:08d}", "png": png, "cls": str(label).encode()})
+            except BaseException:
+                # Close tarfile's buffered stream now (it fails again on a full disk): left to its
+                # __del__, it would write to the closed file and print a stray traceback.
+                with contextlib.suppress(OSError, ValueError):
+                    writer.close()
+                raise
             writer.close()
         shards.append(ShardInfo(name=path.name, num_samples=len(chunk), num_bytes=path.stat().st_size, sha256=file_sha256(path)))
         offset += len(chunk)
