@@ -156,6 +156,28 @@ class TrainParams(_Section):
     num_checkpoints_kept: Annotated[int, Field(ge=1)] = 2
     max_failures: Annotated[int, Field(ge=-1)] = 1
     """Ray `FailureConfig(max_failures)`: restarts from the latest checkpoint after a worker dies; -1 = forever."""
+    collective_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    """A rank that waits this long in a collective (DDP's all-reduce, Ray Train's report barrier)
+    fails the run, and `max_failures` applies: a hung or frozen rank surfaces in minutes. Sets
+    torch.distributed's process-group timeout (torch's default: 30 min) and Ray Train's
+    RAY_TRAIN_COLLECTIVE_TIMEOUT_S (Ray's default: none). Must exceed the longest work one rank
+    does alone between two collectives (rank 0's checkpoint upload, a sample grid to MLflow)."""
+    worker_health_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    """A worker process that answers none of Ray Train's health checks for this long (a frozen
+    process, a silent node) is declared dead: RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, Ray's
+    default kept. The only net under a one-worker run, which has no collective to time out."""
+    worker_start_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    """Seconds the worker group may take to start once its resources are granted
+    (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, Ray's default kept); raise it for slow runtime envs."""
+    tracking_outage_s: Annotated[float, Field(ge=0)] = 600.0
+    """Seconds the MLflow server may be unreachable (or failing) while training goes on: rank 0
+    keeps the metric points it could not send and sends them, in order, with their own steps and
+    timestamps, once the server answers; at the end of training it waits for the server up to
+    this bound. Past it (or past `genmodels.tracking.MAX_UNSENT_POINTS` waiting points) training
+    stops cleanly at the next checkpoint step, and that checkpoint keeps the unsent points:
+    rerunning with the same run name resumes there and sends them. A stop is no worker failure,
+    so `max_failures` is not spent on it (a restart would meet the same outage). MLflow's own
+    per-request retries and timeouts: `genmodels.tracking.LOGGING_HTTP`."""
     storage_path: str = "ray_results"
     """Ray `RunConfig(storage_path)`: a local directory (relative to the project) or any pyarrow filesystem URI."""
     run_name: str = ""

@@ -12,6 +12,12 @@
 One training run is one MLflow run, found again after a restart by its `genmodels.run_key`
 tag, so a resumed Ray run keeps appending to the same curves. MLflow itself is imported
 inside the functions: `import mlflow` takes 2-3 s, and the CLI and unit tests need none of it.
+
+An outage of the tracking server (issue 14, scenario 8): a RunLogger given `outage_s` keeps the
+metric points the server could not take and sends them later, oldest first, with their own
+steps and timestamps; training goes on meanwhile. Sending a point twice is harmless: a SQL
+store keys a metric by (key, timestamp, step, value) and skips an exact repeat
+(`SqlAlchemyStore._log_metrics`), so a batch whose answer was lost can simply be sent again.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from genmodels.credentials import url_credentials
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -40,6 +48,19 @@ _TRUNCATED_MARK = "...[truncated]"
 # which inside a Ray worker is Ray's session directory.
 _REMOTE_SCHEMES = ("http://", "https://", "databricks")
 _GIT_TIMEOUT_S = 10.0
+# MLflow's HTTP settings (environment variables it reads at every request) for calls that must
+# not hold training for minutes: its defaults are 7 retries with back-off (about 4 min against a
+# server that is down) and 120 s per request. Two quick retries still absorb a blip of a few
+# seconds; a longer outage is the RunLogger's buffer's job. Settings the user made win.
+LOGGING_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# While the server is known to be down: one try, at most every PROBE_INTERVAL_S, so that a hung
+# server (no answer, not refused) costs training at most one request timeout per interval.
+PROBE_HTTP = {**LOGGING_HTTP, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+PROBE_INTERVAL_S = 5.0
+MAX_UNSENT_POINTS = 100_000
+"""Metric points a RunLogger keeps for a server that is down (some 10-30 MB in memory and in the
+checkpoint) before training stops as it does past `outage_s`."""
 
 
 class TrackingError(RuntimeError):
@@ -57,15 +78,19 @@ def store_exists(uri: str) -> bool:
     return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
 
 
-@contextlib.contextmanager
 def impatient_requests(timeout_s: int = 5):
     """For commands that only look (status, report): one try per request, `timeout_s` each, instead
     of MLflow's 7 retries with back-off (minutes per call against a server that is down). Settings
     the user made win."""
-    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.setdefault(names[0], "0")
-    os.environ.setdefault(names[1], str(timeout_s))
+    return http_settings({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)})
+
+
+@contextlib.contextmanager
+def http_settings(settings: dict[str, str]):
+    """MLflow's HTTP environment variables for the calls inside, where the user has not set them."""
+    saved = {name: os.environ.get(name) for name in settings}
+    for name, value in settings.items():
+        os.environ.setdefault(name, value)
     try:
         yield
     finally:
@@ -76,10 +101,49 @@ def impatient_requests(timeout_s: int = 5):
                 os.environ[name] = value
 
 
+def unreachable(err: BaseException) -> bool:
+    """The server is down or failing (no connection, a timeout, a 5xx after MLflow's retries), as
+    opposed to a request it refuses (4xx), which sending again would not cure."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):  # connection errors and timeouts arrive as INTERNAL_ERROR (500)
+        return err.get_http_status_code() >= 500
+    return isinstance(err, (requests.RequestException, OSError))
+
+
+def patiently(call, *, uri: str, outage_s: float | None, what: str):
+    """`call()`; with `outage_s`, under LOGGING_HTTP and tried again every PROBE_INTERVAL_S while the
+    server is unreachable, for up to `outage_s` seconds (0: once). None: one call with MLflow's own
+    settings."""
+    if outage_s is None:
+        return call()
+    start = time.monotonic()
+    while True:
+        try:
+            with http_settings(LOGGING_HTTP):
+                return call()
+        except Exception as err:
+            waited_s = time.monotonic() - start
+            if not unreachable(err):
+                raise
+            if waited_s >= outage_s:
+                raise TrackingError(f"{what}: MLflow tracking server {uri} unreachable; gave up after "
+                                    f"{waited_s:.0f} s: {err}") from err
+            time.sleep(min(PROBE_INTERVAL_S, outage_s - waited_s))  # polling the server, up to the deadline
+
+
 def resolve_tracking(project_dir: Path) -> Tracking:
-    """Where runs go: $MLFLOW_TRACKING_URI if set, else `project_dir/mlruns.db` (embedded sqlite)."""
+    """Where runs go: $MLFLOW_TRACKING_URI if set, else `project_dir/mlruns.db` (embedded sqlite).
+    A URI with a password in it is refused: it is printed, and recorded in models/<family>/mlflow.json."""
     local_artifacts = (Path(project_dir) / "mlartifacts").resolve().as_uri()
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    for scheme in url_credentials(uri, passwords_only=True):
+        raise TrackingError(
+            f"MLFLOW_TRACKING_URI={scheme}://...@...: a password in the URI would be shown in logs and recorded in "
+            f"models/<family>/mlflow.json; give a tracking server's credentials as MLFLOW_TRACKING_USERNAME and "
+            f"MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), a database's by its own means (PGPASSWORD, ~/.pgpass)"
+        )
     if not uri:
         database = (Path(project_dir) / "mlruns.db").resolve()
         return Tracking(uri=f"sqlite:///{database}", artifact_location=local_artifacts)
@@ -188,27 +252,119 @@ def flatten_params(params: dict[str, object], prefix: str = "") -> dict[str, str
 
 
 class RunLogger:
-    """Rank-0 logger inside a Ray worker. Metrics/images at steps <= resume_after_step are dropped:
-    they were logged before a restart, and MLflow must never get a step twice."""
+    """Rank-0 logger inside a Ray worker. After a restart (`resume_after_step`: the last step
+    logged before it), a metric's points up to the last step MLflow holds *of that key* are
+    dropped, and images up to `resume_after_step`: MLflow must never get a step twice, and must
+    not miss one either (eval/* follow train/* at the same step; a crash between the two leaves
+    eval/* to log again).
 
-    def __init__(self, tracking_uri: str, run_id: str, *, resume_after_step: int = 0):
+    With `outage_s` (training), metric points the server cannot take wait in `unsent`, are sent
+    with the next ones once it answers again, and travel with each checkpoint; `settle` tells
+    the loop when to stop. Without (evaluate, tune's driver), every error is raised as it comes.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, *, resume_after_step: int = 0, outage_s: float | None = None):
         from mlflow import MlflowClient
 
         self._client = MlflowClient(tracking_uri=tracking_uri)
-        self.run_id = run_id
+        self.uri, self.run_id = tracking_uri, run_id
         self.resume_after_step = resume_after_step
+        self.outage_s = outage_s
+        self._last_step: dict[str, int] = {}  # per key, read from the server once, after a restart
+        self.unsent: list[tuple[str, float, int, int]] = []
+        """(key, value, timestamp_ms, step) the server has not taken yet, oldest first."""
+        self._down_since: float | None = None  # time.monotonic() when the first failed request of this outage began
+        self._down_step = 0
+        self._next_try = 0.0
+
+    @property
+    def down_s(self) -> float:
+        """Seconds since a send first failed, 0 while the server takes everything."""
+        return 0.0 if self._down_since is None else time.monotonic() - self._down_since
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
-        if step <= self.resume_after_step or not values:
+        if self.resume_after_step:
+            values = {k: v for k, v in values.items() if step > self._logged_up_to(k)}
+        if not values:
             return
-        from mlflow.entities import Metric
-
         timestamp_ms = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), timestamp_ms, step) for key, value in values.items()]
-        self._client.log_batch(self.run_id, metrics=metrics)
+        points = [(key, float(value), timestamp_ms, step) for key, value in values.items()]
+        if self.outage_s is None:
+            self._send(points)
+            return
+        self.unsent += points
+        self._flush(step)
+
+    def _logged_up_to(self, key: str) -> int:
+        if key not in self._last_step:
+            self._last_step[key] = last_logged_step(self.uri, self.run_id, key, outage_s=self.outage_s)
+        return self._last_step[key]
+
+    def resend(self, points: list[tuple[str, float, int, int]]) -> None:
+        """Points a checkpoint kept unsent (needs `outage_s`), sent before anything newer. Not
+        filtered by `resume_after_step`: were some logged already, the store skips the exact repeats."""
+        self.unsent[:0] = [tuple(p) for p in points]
+        if self.unsent:
+            self._flush(self.unsent[0][3])
+
+    def settle(self, *, final: bool) -> str:
+        """At a checkpoint, try to send what waits: "go" (sent, or the outage is still within
+        `outage_s`), "stop" (points still wait after `outage_s` of outage, or more than
+        MAX_UNSENT_POINTS wait: the loop stops training there, the points kept in the
+        checkpoint) or, at the end of training (`final`) within the bound, "wait" after one probe
+        interval: call again."""
+        if not self.unsent or self.outage_s is None:
+            return "go"
+        self._flush(self._down_step, force=True)
+        if not self.unsent:
+            return "go"
+        if self.down_s >= self.outage_s or len(self.unsent) > MAX_UNSENT_POINTS:
+            return "stop"
+        if not final:
+            return "go"
+        time.sleep(min(PROBE_INTERVAL_S, self.outage_s - self.down_s))  # polling the server, up to the bound
+        return "wait"
+
+    def _flush(self, step: int, *, force: bool = False) -> None:
+        """Send `unsent`; while the server is down, try only every PROBE_INTERVAL_S unless `force`."""
+        down = self._down_since is not None
+        if not self.unsent or (down and not force and time.monotonic() < self._next_try):
+            return
+        late = f"unreachable {self.down_s:.1f} s; {len(self.unsent)} metric points sent late"
+        tags = {f"genmodels.tracking.outage.step_{self._down_step}": late} if down else {}  # says why curves have a gap in time
+        began = time.monotonic()
+        try:
+            with http_settings(PROBE_HTTP if down else LOGGING_HTTP):
+                self._send(self.unsent, tags)
+        except Exception as err:
+            if not unreachable(err):
+                raise
+            self._next_try = time.monotonic() + PROBE_INTERVAL_S
+            if not down:  # the outage counts from the first request it failed, retries included
+                self._down_since, self._down_step = began, step
+                warnings.warn(f"MLflow tracking server {self.uri} unreachable at step {step} ({err}); training goes on "
+                              f"and keeps its metrics for up to train.tracking_outage_s={self.outage_s:g} s", stacklevel=2)
+            return
+        if down:
+            warnings.warn(f"MLflow tracking server {self.uri} back after an outage from step {self._down_step}: {late}",
+                          stacklevel=2)
+        self.unsent.clear()
+        self._down_since = None
+
+    def _send(self, points: list[tuple[str, float, int, int]], tags: dict[str, str] | None = None) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        # log_batch splits into requests of <= 1000 metrics (MAX_METRICS_PER_BATCH), in order.
+        self._client.log_batch(self.run_id, metrics=[Metric(*point) for point in points],
+                               tags=[RunTag(k, v) for k, v in (tags or {}).items()])
+
+    def _http(self):
+        return http_settings(LOGGING_HTTP) if self.outage_s is not None else contextlib.nullcontext()
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
-        """A uint8 HxW or HxWxC (C in 1, 3, 4) image, shown in the MLflow UI's step slider under `key`."""
+        """A uint8 HxW or HxWxC (C in 1, 3, 4) image, shown in the MLflow UI's step slider under `key`.
+        During an outage (`outage_s`) an image is skipped, with a warning: a preview is not worth
+        a request timeout, nor memory."""
         if step <= self.resume_after_step:
             return
         shape_ok = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))
@@ -216,45 +372,65 @@ class RunLogger:
             # A CHW tensor would otherwise be read as a 3-row image with C channels.
             raise ValueError(f"image {key!r}: expected uint8 HxW or HxWxC with C in (1, 3, 4), "
                              f"got {image.dtype} {tuple(image.shape)}")
-        # synchronous: a worker may exit right after the last step, taking a background upload with it.
-        self._client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
+        if self._down_since is None:
+            try:
+                with self._http():
+                    # synchronous: a worker may exit right after the last step, taking a background upload with it.
+                    self._client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
+                return
+            except Exception as err:
+                if self.outage_s is None or not unreachable(err):
+                    raise
+                reason = str(err)
+        else:
+            reason = f"down since step {self._down_step}"
+        warnings.warn(f"image {key!r} at step {step} not logged: MLflow tracking server {self.uri} unreachable ({reason})",
+                      stacklevel=2)
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self._client.log_artifact(self.run_id, str(local_path), artifact_path=artifact_path)
+        with self._http():
+            self._client.log_artifact(self.run_id, str(local_path), artifact_path=artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        with self._http():
+            self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def last_logged_step(tracking_uri: str, run_id: str, key: str) -> int:
-    """The largest step of metric `key` in the run, 0 if it was never logged."""
+def last_logged_step(tracking_uri: str, run_id: str, key: str, *, outage_s: float | None = None) -> int:
+    """The largest step of metric `key` in the run, 0 if it was never logged; `outage_s` as in `patiently`."""
     from mlflow import MlflowClient
 
-    history = MlflowClient(tracking_uri=tracking_uri).get_metric_history(run_id, key)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    history = patiently(lambda: client.get_metric_history(run_id, key), uri=tracking_uri, outage_s=outage_s,
+                        what=f"reading run {run_id}")
     return max((m.step for m in history), default=0)
 
 
-def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
-    """Close the run with status FINISHED, FAILED or KILLED."""
+def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED", *, outage_s: float | None = None) -> None:
+    """Close the run with status FINISHED, FAILED or KILLED; `outage_s` as in `patiently`."""
     from mlflow import MlflowClient
 
-    MlflowClient(tracking_uri=tracking_uri).set_terminated(run_id, status=status)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    patiently(lambda: client.set_terminated(run_id, status=status), uri=tracking_uri, outage_s=outage_s,
+              what=f"marking run {run_id} {status}")
 
 
-def metric_history(tracking_uri: str, run_id: str, keys: list[str]) -> list[dict]:
+def metric_history(tracking_uri: str, run_id: str, keys: list[str], *, outage_s: float | None = None) -> list[dict]:
     """[{"step": s, key: value, ...}] sorted by step, one row per step (for DVC plot CSVs).
 
     A key not logged at a step is absent from that row. Were a step logged twice, the later
-    timestamp wins.
+    timestamp wins. `outage_s` as in `patiently`.
     """
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     rows: dict[int, dict] = {}
     for key in keys:
-        for metric in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):
+        history = patiently(lambda: client.get_metric_history(run_id, key), uri=tracking_uri, outage_s=outage_s,
+                            what=f"reading run {run_id}")
+        for metric in sorted(history, key=lambda m: m.timestamp):
             rows.setdefault(metric.step, {"step": metric.step})[key] = metric.value
     return [rows[step] for step in sorted(rows)]
 

@@ -2,7 +2,9 @@
 
 Layout of a checkpoint directory (Ray merges what every rank reports into one directory):
     state.pt           rank 0: every module/optimizer state by name, global step, epoch, the
-                       resolved job config, the MLflow run id and the metrics reported with it
+                       resolved job config, the MLflow run id, the metrics reported with it, and
+                       the metric points the tracking server has not taken yet (an outage:
+                       `genmodels.tracking.RunLogger`), which the resumed run sends first
     rng_rank<R>.pt     each rank: its torch (and CUDA) RNG state, so a resumed run draws the
                        same noise it would have drawn had it never stopped
     weights_rank<R>.sha256   each rank: a digest of its module weights and of the EMA model's
@@ -64,7 +66,7 @@ def _rng_file(rank: int) -> str:
 
 @contextmanager
 def bundle_dir(objects: dict[str, object], *, rank: int, step: int, epoch: int, config: dict, run_id: str,
-               metrics: dict[str, float] | None = None) -> Iterator[Path]:
+               metrics: dict[str, float] | None = None, unsent_metrics: list[tuple] = ()) -> Iterator[Path]:
     """A temporary directory holding this rank's share of the checkpoint at `step`."""
     with tempfile.TemporaryDirectory(prefix="genmodels-ckpt-") as tmp:
         path = Path(tmp)
@@ -76,7 +78,8 @@ def bundle_dir(objects: dict[str, object], *, rank: int, step: int, epoch: int, 
         if rank == 0:
             state = {name: obj.state_dict() for name, obj in objects.items()}
             torch.save({"objects": state, "step": step, "epoch": epoch, "config": config, "mlflow_run_id": run_id,
-                        "metrics": dict(metrics or {})}, path / STATE_FILE)
+                        "metrics": dict(metrics or {}), "unsent_metrics": [tuple(p) for p in unsent_metrics]},
+                       path / STATE_FILE)
         yield path
 
 
@@ -85,7 +88,7 @@ def load_latest(checkpoint, objects: dict[str, object], *, rank: int, config: di
     (`ray.train.get_checkpoint()`, None for a fresh run); returns the bundle's metadata, whose
     "step" is the step to continue from (0 for a fresh run)."""
     if checkpoint is None:
-        return {"step": 0, "epoch": 0, "mlflow_run_id": None, "metrics": {}}
+        return {"step": 0, "epoch": 0, "mlflow_run_id": None, "metrics": {}, "unsent_metrics": []}
     with checkpoint.as_directory() as directory:
         return load_bundle(Path(directory), objects, rank=rank, config=config)
 
@@ -123,7 +126,7 @@ def load_bundle(directory: Path, objects: dict[str, object], *, rank: int, confi
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return {"step": bundle["step"], "epoch": bundle["epoch"], "mlflow_run_id": bundle["mlflow_run_id"],
-            "metrics": bundle.get("metrics", {})}
+            "metrics": bundle.get("metrics", {}), "unsent_metrics": bundle.get("unsent_metrics", [])}
 
 
 def read_exported(directory: Path) -> dict:

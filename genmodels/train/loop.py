@@ -36,12 +36,14 @@ from genmodels.train.checkpoint import StartFrom, bundle_dir, load_latest, weigh
 from genmodels.train.ddp import Precision
 
 TUNE_GATE_KEY = "genmodels/gate"  # a Tune trial's report token (genmodels.tune.trial takes it out before Tune sees the result)
+OUTAGE_KEY, UNSENT_KEY = "tracking/unreachable_s", "tracking/unsent_points"  # reported to Ray when training stops for MLflow
 PROGRESS_METRIC = "train/epoch"  # logged at every log step: its last step tells a restart what MLflow already has
 # Keys that change how a run is operated, not what it computes: a resumed run may change them
 # (num_steps included: raising it extends a finished run from its last checkpoint).
 OPERATIONAL_KEYS = {"num_steps", "max_failures", "num_checkpoints_kept", "log_every_steps", "sample_every_steps",
                     "checkpoint_every_steps", "storage_path", "run_name", "experiment", "loader_workers",
-                    "eval_every_steps", "eval_num_samples", "cpus_per_worker", "threads_per_worker"}
+                    "eval_every_steps", "eval_num_samples", "cpus_per_worker", "threads_per_worker",
+                    "collective_timeout_s", "worker_health_timeout_s", "worker_start_timeout_s", "tracking_outage_s"}
 
 
 class TrainJob(BaseModel):
@@ -143,11 +145,15 @@ def train_loop_per_worker(config: dict) -> dict:
                              f"genmodels.start.{restored['step']}.weights_sha256": weights_digest(task.state())})
     else:
         restored = load_latest(own, task.state(), rank=rank, config=job.identity())
+        if logger and own is not None:  # a restart after a failure, or a rerun of the same name
+            logger.set_tags({f"genmodels.resumed_from.{restored['step']}": own.path})
+            logger.resend(restored["unsent_metrics"])  # what an outage kept from MLflow, before any newer point
     step = restored["step"]
     if progress is not None:
         send(progress, {"step": step, "start": True})
     if step >= num_steps and restored["metrics"]:
-        report(restored["metrics"])  # a finished run rerun (a sweep restored after it ended) reports its result again
+        # a finished run rerun (a sweep restored after it ended) reports its result again, once MLflow has every point
+        report({**restored["metrics"], **_tracking_stop(logger, final=True, world_size=world_size, device=device)})
 
     steps_per_epoch, batch = len(loader), params.batch_size_per_worker
     sums, count, window_start, window_step = None, 0, time.perf_counter(), step
@@ -193,9 +199,15 @@ def train_loop_per_worker(config: dict) -> dict:
                 send(progress, {"step": step, **reported})
             if checkpoint:
                 metrics = {"step": step, **reported}
+                stop = _tracking_stop(logger, final=done, world_size=world_size, device=device)
                 with bundle_dir(task.state(), rank=rank, step=step, epoch=epoch, config=job.identity(), run_id=job.run_id,
-                                metrics=metrics) as d:
-                    report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"step_{step:08d}")
+                                metrics=metrics, unsent_metrics=logger.unsent if logger else ()) as d:
+                    if job.chaos:
+                        job.chaos.in_checkpoint(rank, step, d)
+                    report({**metrics, **stop}, checkpoint=ray.train.Checkpoint.from_directory(d),
+                           checkpoint_dir_name=f"step_{step:08d}")
+                if stop:
+                    return {"step": step}  # every rank: a clean end, which the driver turns into an error
             elif evaluate:
                 report({"step": step, **reported})  # Tune sees every evaluation, checkpoint or not
             if step >= num_steps:
@@ -206,4 +218,42 @@ def train_loop_per_worker(config: dict) -> dict:
 def _rank_zero_logger(job: TrainJob):
     from genmodels.tracking import RunLogger, last_logged_step
 
-    return RunLogger(job.tracking_uri, job.run_id, resume_after_step=last_logged_step(job.tracking_uri, job.run_id, PROGRESS_METRIC))
+    # One try (under the tracking module's HTTP settings), no waiting: the other ranks would wait
+    # meanwhile in their first collective. A worker group (re)started during an outage fails here.
+    done = last_logged_step(job.tracking_uri, job.run_id, PROGRESS_METRIC, outage_s=0)
+    return RunLogger(job.tracking_uri, job.run_id, resume_after_step=done, outage_s=job.params.tracking_outage_s)
+
+
+def _tracking_stop(logger, *, final: bool, world_size: int, device: torch.device) -> dict[str, float]:
+    """At a checkpoint step: {} to go on, or {OUTAGE_KEY, UNSENT_KEY} when the tracking server has
+    been unreachable past `train.tracking_outage_s`, the same on every rank. Rank 0 decides (its
+    logger tries to send what waits) and broadcasts. Every rank then ends cleanly after saving
+    the checkpoint: a failure would make Ray restart the workers (`max_failures`) into the same
+    outage. At the end of training rank 0 keeps trying, one probe interval per round, so that no
+    rank waits in one collective for longer than that (`train.collective_timeout_s`)."""
+    states = ("go", "wait", "stop")
+    while True:
+        verdict = torch.zeros(3, device=device)  # state, seconds unreachable, unsent points
+        if logger is not None:
+            state = logger.settle(final=final)
+            verdict = torch.tensor([states.index(state), logger.down_s, len(logger.unsent)], device=device)
+        if world_size > 1:
+            dist.broadcast(verdict, src=0)
+        if states[int(verdict[0])] != "wait":
+            break
+    if states[int(verdict[0])] == "go":
+        return {}
+    return {OUTAGE_KEY: float(verdict[1]), UNSENT_KEY: int(verdict[2])}
+
+
+def tracking_stop_error(metrics: dict, job: TrainJob) -> str | None:
+    """Why a run that returned cleanly stopped for the tracking server (`_tracking_stop`), from its
+    last report; None when it did not."""
+    if OUTAGE_KEY not in metrics:
+        return None
+    from genmodels.tracking import MAX_UNSENT_POINTS
+
+    return (f"MLflow tracking server {job.tracking_uri} unreachable for {metrics[OUTAGE_KEY]:.0f} s with "
+            f"{metrics[UNSENT_KEY]:,} metric points unsent (bounds: train.tracking_outage_s={job.params.tracking_outage_s:g} s, "
+            f"{MAX_UNSENT_POINTS:,} points); the last checkpoint, at step {int(metrics['step'])}, is kept with those "
+            "points: once the server is back, rerun with the same run name to resume from it and send them")

@@ -10,7 +10,9 @@ evaluation/registry to), `metrics/train_<family>.json` and `metrics/train_<famil
 
 Every exit ends the MLflow run: FINISHED, FAILED (an error, a digest mismatch, a failed export)
 or KILLED (SIGINT or SIGTERM: the Ray run is aborted, a started export is finished whole, and
-`Interrupted` is raised; the CLI exits 130 or 143).
+`Interrupted` is raised; the CLI exits 130 or 143). An MLflow server unreachable for longer than
+`train.tracking_outage_s` stops training cleanly at a checkpoint, which keeps the metrics not yet
+logged (TrainError; rerun to resume); shorter outages are absorbed (`genmodels.tracking.RunLogger`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import contextlib
 import csv
 import io
 import json
+import math
+import os
 import signal
 import sys
 import threading
@@ -31,15 +35,15 @@ import ray
 import torch
 
 from genmodels.cluster import check_shared, ensure_ray, preflight
-from genmodels.config import Params
+from genmodels.config import Params, TrainParams
 from genmodels.data.shards import Manifest, load_manifest, manifest_sha256
 from genmodels.families import FAMILIES, Family, get_family
-from genmodels.files import file_sha256, write_bytes, write_text
+from genmodels.files import file_sha256, free_space, out_of_space, run_lock, write_bytes, write_text
 from genmodels.progress import Progress, channel, follow, send, train_display, train_logging
 from genmodels.progress import verbose as progress_verbose
 from genmodels.train.chaos import Chaos
 from genmodels.train.checkpoint import StartFrom, read_exported
-from genmodels.train.loop import TrainJob, code_digest, train_loop_per_worker
+from genmodels.train.loop import TrainJob, code_digest, tracking_stop_error, train_loop_per_worker
 
 
 class TrainError(RuntimeError):
@@ -75,34 +79,48 @@ def train(params: Params, family: str, *, shards: str | Path = "data/shards", mo
     project_dir = Path(project_dir).resolve()
     tracking = resolve_tracking(project_dir)
     resolved = _resolve(params, spec, shards, project_dir, tracking.uri, Path(featurizer_dir))  # fails before Ray starts
-    ensure_ray()
-    with _DriverSignals() as signals:  # after ray.init, whose core worker installs a SIGTERM handler of its own
-        preflight(num_workers=params.train.num_workers, cpus_per_worker=params.train.cpus_per_worker, use_gpu=params.train.use_gpu)
-        check_shared({"train.storage_path": resolved.storage, "shards": resolved.job.shards, "tracking store": tracking.uri,
-                      "tracking artifacts": tracking.artifact_location,
-                      "GENMODELS_CHAOS marker": resolved.job.chaos.marker if resolved.job.chaos else None})
-        job = None
-        try:
-            job, resumed = _open_run(resolved, tracking, project_dir)
-            tp = job.params
-            print(f"train {family}: run {resolved.run_name!r} ({'resumed' if resumed else 'new'}), {tp.num_workers} worker(s), "
-                  f"{spec.params(tp).num_steps} steps; MLflow run {job.run_id} in {tracking.uri}", flush=True)
-            result, wall_s = _fit(job, resolved, signals)
-            signals.deferred = True  # a signal now lets the export finish whole, then counts
-            step = _export(spec, result, resolved, job, Path(models_dir))
-            summary = _write_metrics(spec, result, job, step=step, wall_s=wall_s, resumed=resumed, metrics_dir=Path(metrics_dir))
-            if signals.received:
-                raise KeyboardInterrupt
-        except BaseException as err:
-            signals.deferred = True
-            killed = bool(signals.received) or isinstance(err, KeyboardInterrupt)
-            if job is not None:
-                finish_run(job.tracking_uri, job.run_id, "KILLED" if killed else "FAILED")
-            if killed:
-                raise Interrupted(signals.received[0] if signals.received else signal.SIGINT) from None
-            raise
-        finish_run(job.tracking_uri, job.run_id, "FINISHED")
+    with run_lock(resolved.storage, resolved.run_name, f"train {family}: run"):  # before Ray starts: refused at once
+        ensure_ray()
+        with _DriverSignals() as signals:  # after ray.init, whose core worker installs a SIGTERM handler of its own
+            preflight(num_workers=params.train.num_workers, cpus_per_worker=params.train.cpus_per_worker, use_gpu=params.train.use_gpu)
+            check_shared({"train.storage_path": resolved.storage, "shards": resolved.job.shards, "tracking store": tracking.uri,
+                          "tracking artifacts": tracking.artifact_location,
+                          "GENMODELS_CHAOS marker": resolved.job.chaos.marker if resolved.job.chaos else None})
+            job = None
+            try:
+                job, resumed = _open_run(resolved, tracking, project_dir)
+                tp = job.params
+                print(f"train {family}: run {resolved.run_name!r} ({'resumed' if resumed else 'new'}), {tp.num_workers} worker(s), "
+                      f"{spec.params(tp).num_steps} steps; MLflow run {job.run_id} in {tracking.uri}", flush=True)
+                result, wall_s = _fit(job, resolved, signals)
+                signals.deferred = True  # a signal now lets the export finish whole, then counts
+                step = _export(spec, result, resolved, job, Path(models_dir))
+                summary = _write_metrics(spec, result, job, step=step, wall_s=wall_s, resumed=resumed, metrics_dir=Path(metrics_dir))
+                if signals.received:
+                    raise KeyboardInterrupt
+            except BaseException as err:
+                signals.deferred = True
+                killed = bool(signals.received) or isinstance(err, KeyboardInterrupt)
+                if job is not None:
+                    _end_run(job, "KILLED" if killed else "FAILED")
+                if killed:
+                    raise Interrupted(signals.received[0] if signals.received else signal.SIGINT) from None
+                raise
+            finish_run(job.tracking_uri, job.run_id, "FINISHED", outage_s=job.params.tracking_outage_s)
     return summary
+
+
+def _end_run(job: TrainJob, status: str) -> None:
+    """Mark the MLflow run FAILED or KILLED: one try, and a warning if the server does not take
+    it, so that the error on its way out is the one reported (after an outage past the bound,
+    waiting out another one here would only delay it). A rerun sets the run RUNNING again anyway."""
+    from genmodels.tracking import TrackingError, finish_run
+
+    try:
+        finish_run(job.tracking_uri, job.run_id, status, outage_s=0)
+    except Exception as err:  # noqa: BLE001 - the training error matters more
+        said = str(err) if isinstance(err, TrackingError) else f"marking run {job.run_id} {status}: {err}"
+        print(f"train {job.family}: warning: {said}", file=sys.stderr, flush=True)
 
 
 def _resolve(params: Params, spec: Family, shards: str | Path, project_dir: Path, tracking_uri: str, featurizer_dir: Path) -> _Resolved:
@@ -174,11 +192,15 @@ def _fit(job: TrainJob, resolved: _Resolved, signals: _DriverSignals):
     except TrainingFailedError as err:
         if signals.received:
             raise  # aborted by a signal: `train` reports the signal, not the abort
-        raise TrainError(f"train {job.family}: run {resolved.run_name!r} failed: {worker_error(err)}") from None
+        raise TrainError(f"train {job.family}: run {resolved.run_name!r} failed: {worker_error(err)}"
+                         f"{_out_of_space_hint(err, resolved.storage)}") from None
     finally:
         signals.abort = None
     if signals.received:  # an abort can also end fit() without an error
         raise KeyboardInterrupt
+    stopped = tracking_stop_error(result.metrics or {}, job)
+    if stopped:
+        raise TrainError(f"train {job.family}: run {resolved.run_name!r} stopped: {stopped}")
     return result, time.perf_counter() - start
 
 
@@ -191,9 +213,10 @@ def make_trainer(job: TrainJob, *, name: str, storage: str, trainer_class=None, 
     (`genmodels.progress`). Ray Train's own INFO lines show only when `verbose` (default:
     GENMODELS_VERBOSE)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     tp = job.params
+    os.environ.update(ray_train_timeouts(tp))  # read by fit(), which hands them to Train's controller and workers
     verbose = progress_verbose() if verbose is None else verbose
     callbacks = [*callbacks, _worker_failures(progress, f"train {job.family}")]
     resources = {"CPU": tp.cpus_per_worker, **({"GPU": 1} if tp.use_gpu else {})}
@@ -201,11 +224,20 @@ def make_trainer(job: TrainJob, *, name: str, storage: str, trainer_class=None, 
         train_loop_per_worker,
         train_loop_config={"job": job, "start_from": start_from, "tune_gate": tune_gate, "progress": progress,
                            "verbose": verbose},
+        torch_config=TorchConfig(timeout_s=math.ceil(tp.collective_timeout_s)),
         scaling_config=ScalingConfig(num_workers=tp.num_workers, use_gpu=tp.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=tp.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tp.num_checkpoints_kept), callbacks=list(callbacks),
                              logging_config=train_logging(verbose)),
     )
+
+
+def ray_train_timeouts(tp: TrainParams) -> dict[str, str]:
+    """Ray Train's timeouts, from `train.*_timeout_s`: Train reads them from the environment of the
+    process that calls fit(), and passes them on to its controller and workers."""
+    return {"RAY_TRAIN_COLLECTIVE_TIMEOUT_S": str(tp.collective_timeout_s),
+            "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": str(tp.worker_health_timeout_s),
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(tp.worker_start_timeout_s)}
 
 
 def _worker_failures(progress, title: str):
@@ -232,6 +264,17 @@ def worker_error(err: Exception) -> str:
     failures = getattr(err, "worker_failures", None) or {}
     first = next(iter(failures.values()), None)
     return repr(first) if first is not None else str(err)
+
+
+def _out_of_space_hint(err: Exception, storage: str) -> str:
+    """Where checkpoints go and what is free there, when a worker ran out of disk space: Ray's
+    error (pyarrow's "Error writing bytes to file") names neither the file nor the filesystem."""
+    if not any(out_of_space(e) for e in (getattr(err, "worker_failures", None) or {}).values()):
+        return ""
+    where = storage if "://" in storage else f"{storage} ({free_space(Path(storage))})"
+    return (f"\nout of disk space; checkpoints go to train.storage_path {where}. The complete checkpoints there "
+            "are kept and a partial one is never resumed from: free space, keep fewer (train.num_checkpoints_kept) "
+            "or move train.storage_path, then rerun with the same run name to resume")
 
 
 def _export(spec: Family, result, resolved: _Resolved, job: TrainJob, models_dir: Path) -> int:
@@ -265,7 +308,7 @@ def _write_metrics(spec: Family, result, job: TrainJob, *, step: int, wall_s: fl
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["step", *[k.removeprefix("train/") for k in spec.curve_keys]])
     writer.writeheader()
-    for row in metric_history(job.tracking_uri, job.run_id, list(spec.curve_keys)):
+    for row in metric_history(job.tracking_uri, job.run_id, list(spec.curve_keys), outage_s=job.params.tracking_outage_s):
         writer.writerow({k.removeprefix("train/"): v for k, v in row.items()})
     write_text(metrics_dir / f"train_{spec.name}_curve.csv", buffer.getvalue())
     return summary

@@ -39,6 +39,7 @@ from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 from genmodels.cluster import check_shared, ensure_ray, preflight
 from genmodels.config import Distribution, Params, apply_overrides, check_space
 from genmodels.families import Family, get_family
+from genmodels.files import run_lock
 from genmodels.progress import number, verbose
 from genmodels.tune.trial import Sweep, run_trial
 
@@ -74,78 +75,81 @@ def tune(params: Params, family: str, *, shards: str | Path = "data/shards", out
     key = _sweep_key(family, tp, resolved.job, code_digest())
     name = tp.name or f"{family}-tune-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}"
     path = f"{resolved.storage.rstrip('/')}/{name}"
-    exists = ray_tune.Tuner.can_restore(path)
-    if resume is None:  # auto
-        resume = exists
-    if resume and tp.scheduler == "pbt":
-        # Tune 2.60 does not save its scheduler: a restored synchronous PBT restarts its timers from
-        # step 0, and its next sync point can fall behind the paused trials, which then wait for ever.
-        raise SweepError(f"a PBT sweep cannot be resumed (Ray Tune does not restore PBT's state; seen to hang): "
-                         f"start it again under another tune.name, or delete {path}")
-    if resume and not exists:
-        raise SweepError(f"no sweep {name!r} to resume at {path}" + ("" if tp.name else
-                         " (the default name hashes the data, the params and the genmodels code: set tune.name "
-                         "to a sweep's name to resume it after a change)"))
-    if exists and not resume:
-        raise SweepError(f"sweep {name!r} already exists at {path}: continue it with --resume, "
-                         "or set tune.name (or delete that directory) to start another")
-    key_file = f"{resolved.storage.rstrip('/')}/{name}.trials/sweep.json"
-    if resume:  # Tuner.restore brings back the saved space, search and scheduler: the params must be the same
-        _check_same_sweep(key_file, key, name)
+    # Held from before the exists check to the end: two sweeps of one name at once would both
+    # start it, or both resume it, into the same trial directories.
+    with run_lock(resolved.storage, name, f"tune {family}: sweep"):
+        exists = ray_tune.Tuner.can_restore(path)
+        if resume is None:  # auto
+            resume = exists
+        if resume and tp.scheduler == "pbt":
+            # Tune 2.60 does not save its scheduler: a restored synchronous PBT restarts its timers from
+            # step 0, and its next sync point can fall behind the paused trials, which then wait for ever.
+            raise SweepError(f"a PBT sweep cannot be resumed (Ray Tune does not restore PBT's state; seen to hang): "
+                             f"start it again under another tune.name, or delete {path}")
+        if resume and not exists:
+            raise SweepError(f"no sweep {name!r} to resume at {path}" + ("" if tp.name else
+                             " (the default name hashes the data, the params and the genmodels code: set tune.name "
+                             "to a sweep's name to resume it after a change)"))
+        if exists and not resume:
+            raise SweepError(f"sweep {name!r} already exists at {path}: continue it with --resume, "
+                             "or set tune.name (or delete that directory) to start another")
+        key_file = f"{resolved.storage.rstrip('/')}/{name}.trials/sweep.json"
+        if resume:  # Tuner.restore brings back the saved space, search and scheduler: the params must be the same
+            _check_same_sweep(key_file, key, name)
 
-    ensure_ray()
-    check_shared({"train.storage_path": resolved.storage, "shards": resolved.job.shards, "tracking store": tracking.uri,
-                  "tracking artifacts": tracking.artifact_location})
-    concurrency = _concurrency(base, tp.max_concurrent_trials)
-    if tp.scheduler == "pbt" and not 2 <= tp.num_samples <= concurrency:
-        raise SweepError(f"scheduler pbt runs its population side by side: tune.num_samples ({tp.num_samples}) must be "
-                         f"at least 2 and at most the {concurrency} trial(s) that run at once; lower tune.num_samples or "
-                         "train.num_workers, or add nodes")
-    if not resume:
-        _write(key_file, json.dumps(key, indent=2, sort_keys=True, default=str))
-    print(f"tune {family}: sweep {name!r}: {tp.num_samples} trials of {budget} steps, {tp.search} search, {tp.scheduler}, "
-          f"{metric} ({mode}); {concurrency} concurrent trial(s) of {base.train.num_workers} worker(s)", flush=True)
+        ensure_ray()
+        check_shared({"train.storage_path": resolved.storage, "shards": resolved.job.shards, "tracking store": tracking.uri,
+                      "tracking artifacts": tracking.artifact_location})
+        concurrency = _concurrency(base, tp.max_concurrent_trials)
+        if tp.scheduler == "pbt" and not 2 <= tp.num_samples <= concurrency:
+            raise SweepError(f"scheduler pbt runs its population side by side: tune.num_samples ({tp.num_samples}) must be "
+                             f"at least 2 and at most the {concurrency} trial(s) that run at once; lower tune.num_samples or "
+                             "train.num_workers, or add nodes")
+        if not resume:
+            _write(key_file, json.dumps(key, indent=2, sort_keys=True, default=str))
+        print(f"tune {family}: sweep {name!r}: {tp.num_samples} trials of {budget} steps, {tp.search} search, {tp.scheduler}, "
+              f"{metric} ({mode}); {concurrency} concurrent trial(s) of {base.train.num_workers} worker(s)", flush=True)
 
-    run_key = path
-    tags = {**git_tags(project_dir), **runtime_tags(), "data.manifest_sha256": resolved.job.manifest_sha256,
-            "data.source": resolved.manifest.source}
-    parent_id, _ = open_run(tracking, experiment=base.train.experiment, run_key=run_key, run_name=name,
-                            params=_parent_params(family, tp, space, metric, mode, budget, concurrency),
-                            tags={**tags, "genmodels.family": family, "tune.sweep": name})
-    sweep = Sweep(name=name, job=resolved.job, keys=tuple(space), metric=metric, mode=mode, pbt=tp.scheduler == "pbt",
-                  storage=resolved.storage, tracking_uri=tracking.uri, experiment=base.train.experiment, run_key=run_key,
-                  parent_run_id=parent_id, data=resolved.config["data"], tags=tags)
-    trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, sweep=sweep), TRIAL_RESOURCES)
-    with _DriverSignals() as signals, _tune_sigint_off():
-        signals.deferred = True  # Tune stops gracefully (trials stopped, state saved); then we end the runs
-        signals.abort = lambda: _stop_tune(len(signals.received))
-        try:
-            if resume:
-                tuner = ray_tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-            else:
-                tuner = ray_tune.Tuner(trainable, param_space={k: _domain(d) for k, d in space.items()},
-                                       tune_config=_tune_config(tp, space, metric, mode, budget, concurrency),
-                                       run_config=ray_tune.RunConfig(name=name, storage_path=resolved.storage,
-                                                                     callbacks=[ChildRuns(sweep, budget), TrialEvents(sweep, budget, tp.num_samples)],
-                                                                     checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=4),  # PBT's donors (a copy each)
-                                                                     failure_config=ray_tune.FailureConfig(max_failures=0),
-                                                                     verbose=2 if verbose() else 0))
-            results = tuner.fit()
-            if signals.received:
-                raise KeyboardInterrupt
-            summary = _finish(spec, sweep, results, Path(out_dir), budget)
-            _close_children(sweep, "FINISHED")  # any the callback could not end (a tracking-store hiccup)
-            if signals.received:
-                raise KeyboardInterrupt
-        except BaseException as err:
-            killed = bool(signals.received) or isinstance(err, KeyboardInterrupt)
-            _close_children(sweep, "KILLED" if killed else "FAILED")
-            finish_run(tracking.uri, parent_id, "KILLED" if killed else "FAILED")
-            if killed:
-                raise Interrupted(signals.received[0] if signals.received else signal.SIGINT) from None
-            raise
-    finish_run(tracking.uri, parent_id, "FINISHED")
-    return summary
+        run_key = path
+        tags = {**git_tags(project_dir), **runtime_tags(), "data.manifest_sha256": resolved.job.manifest_sha256,
+                "data.source": resolved.manifest.source}
+        parent_id, _ = open_run(tracking, experiment=base.train.experiment, run_key=run_key, run_name=name,
+                                params=_parent_params(family, tp, space, metric, mode, budget, concurrency),
+                                tags={**tags, "genmodels.family": family, "tune.sweep": name})
+        sweep = Sweep(name=name, job=resolved.job, keys=tuple(space), metric=metric, mode=mode, pbt=tp.scheduler == "pbt",
+                      storage=resolved.storage, tracking_uri=tracking.uri, experiment=base.train.experiment, run_key=run_key,
+                      parent_run_id=parent_id, data=resolved.config["data"], tags=tags)
+        trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, sweep=sweep), TRIAL_RESOURCES)
+        with _DriverSignals() as signals, _tune_sigint_off():
+            signals.deferred = True  # Tune stops gracefully (trials stopped, state saved); then we end the runs
+            signals.abort = lambda: _stop_tune(len(signals.received))
+            try:
+                if resume:
+                    tuner = ray_tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+                else:
+                    tuner = ray_tune.Tuner(trainable, param_space={k: _domain(d) for k, d in space.items()},
+                                           tune_config=_tune_config(tp, space, metric, mode, budget, concurrency),
+                                           run_config=ray_tune.RunConfig(name=name, storage_path=resolved.storage,
+                                                                         callbacks=[ChildRuns(sweep, budget), TrialEvents(sweep, budget, tp.num_samples)],
+                                                                         checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=4),  # PBT's donors (a copy each)
+                                                                         failure_config=ray_tune.FailureConfig(max_failures=0),
+                                                                         verbose=2 if verbose() else 0))
+                results = tuner.fit()
+                if signals.received:
+                    raise KeyboardInterrupt
+                summary = _finish(spec, sweep, results, Path(out_dir), budget)
+                _close_children(sweep, "FINISHED")  # any the callback could not end (a tracking-store hiccup)
+                if signals.received:
+                    raise KeyboardInterrupt
+            except BaseException as err:
+                killed = bool(signals.received) or isinstance(err, KeyboardInterrupt)
+                _close_children(sweep, "KILLED" if killed else "FAILED")
+                finish_run(tracking.uri, parent_id, "KILLED" if killed else "FAILED")
+                if killed:
+                    raise Interrupted(signals.received[0] if signals.received else signal.SIGINT) from None
+                raise
+        finish_run(tracking.uri, parent_id, "FINISHED")
+        return summary
 
 
 def _check_schedule(params: Params, spec: Family, metric: str, budget: int) -> None:

@@ -36,7 +36,7 @@ from ray.train import UserCallback
 
 from genmodels.config import apply_overrides
 from genmodels.train.checkpoint import StartFrom
-from genmodels.train.loop import TUNE_GATE_KEY, TrainJob
+from genmodels.train.loop import TUNE_GATE_KEY, TrainJob, tracking_stop_error
 
 SOURCE_FILE = "source.json"
 
@@ -180,6 +180,9 @@ def _fit_and_forward(sweep: Sweep, job: TrainJob, name: str, trial_id: str, star
     gate.shutdown()
     if "error" in outcome:
         raise TrialError(f"trial {trial_id} (Train run {name!r}) failed: {worker_error(outcome['error'])}")
+    stopped = tracking_stop_error(outcome["result"].metrics or {}, job) if "result" in outcome else None
+    if stopped:
+        raise TrialError(f"trial {trial_id} (Train run {name!r}) stopped: {stopped}")
 
 
 def _report(sweep: Sweep, item: dict, name: str, trial_id: str, tune) -> None:

@@ -40,6 +40,10 @@ def project_copy(tmp_path, repo_root) -> Path:
 @pytest.fixture(scope="module")
 def ray_runtime():
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # the controller polls workers this often
+    # After a failure, Train waits this long for each rank to leave its process group (Ray's
+    # default 30 s); a frozen rank never does. Read by the controller, which inherits the
+    # environment of the node, not the driver's: a cluster sets it where `ray start` runs.
+    os.environ["TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"] = "3"
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR")
     yield
     ray.shutdown()

@@ -20,6 +20,7 @@ import yaml
 from mlflow import MlflowClient
 
 from genmodels.config import load_params, parse_params
+from genmodels.files import RunLocked
 from genmodels.tune import SweepError, tune
 
 TRIAL = {
@@ -209,6 +210,8 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(driver_env, p
             assert process.poll() is None, process.communicate()[0][-3000:]
             assert time.monotonic() < deadline, "no trial finished"
             time.sleep(0.5)  # polling the tracking server for a condition, not waiting out a race
+        with pytest.raises(RunLocked, match=rf"tune gan: sweep '{name}' is already running \(pid {process.pid}@"):
+            tune(load_params(project / "params.yaml"), "gan", shards=mnist_shards, project_dir=project, resume=True)
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the driver: Ray ends its job's trials and Train runs
         process.communicate()

@@ -55,7 +55,9 @@ def test_bundle_round_trip_restores_state_and_rng(tmp_path):
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
     torch.manual_seed(5)
-    with bundle_dir({"model": model, "opt": opt}, rank=0, step=7, epoch=1, config={"a": 1}, run_id="run") as d:
+    unsent = [("train/loss", 0.5, 1_700_000_000_123, 6)]  # a point an MLflow outage kept back
+    with bundle_dir({"model": model, "opt": opt}, rank=0, step=7, epoch=1, config={"a": 1}, run_id="run",
+                    unsent_metrics=unsent) as d:
         expected_noise = torch.rand(3)
         saved = {p.name: p.read_bytes() for p in d.iterdir()}
     for name, data in saved.items():
@@ -64,7 +66,7 @@ def test_bundle_round_trip_restores_state_and_rng(tmp_path):
     fresh_opt = torch.optim.Adam(fresh.parameters())
     torch.manual_seed(99)
     meta = load_bundle(tmp_path, {"model": fresh, "opt": fresh_opt}, rank=0, config={"a": 1})
-    assert meta == {"step": 7, "epoch": 1, "mlflow_run_id": "run", "metrics": {}}
+    assert meta == {"step": 7, "epoch": 1, "mlflow_run_id": "run", "metrics": {}, "unsent_metrics": unsent}
     assert torch.equal(fresh.weight, model.weight)
     assert fresh_opt.state_dict()["state"][0]["step"] == 1
     assert torch.equal(torch.rand(3), expected_noise)  # the RNG continues where it was saved
