@@ -429,11 +429,13 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
 
 def _read_mapping(path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is None:  # an empty (or all-comment) file: every default, which no one meant on purpose
+        raise ConfigError(f"{path}: empty, no params at all (a truncated write?); restore it, e.g. git checkout {path.name}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of stage sections, got {type(raw).__name__}")
     return raw

@@ -36,7 +36,7 @@ import torch
 
 from genmodels.cluster import check_shared, ensure_ray, preflight
 from genmodels.config import Params, TrainParams
-from genmodels.data.shards import Manifest, load_manifest, manifest_sha256
+from genmodels.data.shards import Manifest, load_manifest, manifest_sha256, verify_shards
 from genmodels.families import FAMILIES, Family, get_family
 from genmodels.files import file_sha256, free_space, out_of_space, run_lock, write_bytes, write_text
 from genmodels.progress import Progress, channel, follow, send, train_display, train_logging
@@ -127,6 +127,7 @@ def _resolve(params: Params, spec: Family, shards: str | Path, project_dir: Path
     tp = params.train
     shards = str(shards) if "://" in str(shards) else str(Path(shards).resolve())
     manifest = load_manifest(shards)
+    verify_shards(manifest)
     manifest_sha = manifest_sha256(manifest)
     job = TrainJob(family=spec.name, params=tp, shards=shards, manifest_sha256=manifest_sha, image_size=manifest.image_size,
                    channels=manifest.channels, code_sha256=code_digest(), tracking_uri=tracking_uri, run_id="-",

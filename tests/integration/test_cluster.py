@@ -79,6 +79,15 @@ def test_submit_streams_logs_returns_the_job_status_and_never_ships_secrets(head
     _until(lambda: f"{job_id}  STOPPED" in cli("jobs", "list", "--address", head.dashboard)[1])
 
 
+def test_a_submitted_training_larger_than_the_cluster_fails_fast_with_the_reason(head, project_copy, mnist_shards, cli):
+    started = time.monotonic()
+    code, out, _ = cli("submit", "--address", head.dashboard, "--", "genmodels", "train", "gan", "--shards", str(mnist_shards),
+                       "--set", "train.num_workers=16", "--set", "train.eval_every_steps=0")
+    assert code == 1 and "FAILED" in out, out[-3000:]
+    assert "train.num_workers=16 x cpus_per_worker=1.0 needs {'CPU': 16.0}, but the Ray cluster has {'CPU': 2.0}" in out, out[-3000:]
+    assert time.monotonic() - started < 120  # the job's own preflight, never a pending placement group
+
+
 def test_submit_refuses_credentials_dvc_and_an_unreachable_address(head, cli, monkeypatch):
     code, _, err = cli("submit", "--address", head.dashboard, "--env", "DB_PASSWORD=x", "--", "true")
     assert code == 2 and "--env DB_PASSWORD: looks like a credential" in err

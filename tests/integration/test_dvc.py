@@ -155,6 +155,7 @@ def _a_lost_registration_is_redone_not_restored(project):
 # (stage, params key, bad value, what the error says, outputs that must survive)
 FAILURES = [
     ("prepare", "prepare.image_size", "large", 'prepare.image_size: expected an integer in [8, 512], got "large"', ["data/shards"]),
+    ("prepare", "prepare.imgsize", 28, "prepare.imgsize: unknown key", ["data/shards"]),
     ("featurizer", "featurizer.lr", -1, "featurizer.lr: expected a number in (0, 1], got -1",
      ["models/featurizer", "metrics/featurizer.json"]),
     # Valid params, a failure after the work: the featurizer cannot reach 100% on one epoch.
@@ -196,6 +197,13 @@ def _failed_stages_keep_their_outputs(project):
         assert message in result.stdout + result.stderr, (stage, result.stdout[-2000:], result.stderr[-2000:])
         for out in outputs:
             assert _digest(project / out) == before[out], f"{stage} failed and changed {out}"
+    # The whole file broken: DVC itself refuses bad YAML; an empty file reaches the stage's command.
+    before = _digest(project / "data/shards")
+    for text, message in [("prepare: [\n", "YAML file structure is corrupted"), ("", "params.yaml: empty, no params at all")]:
+        params_path.write_text(text)
+        result = subprocess.run(["dvc", "repro", "-s", "prepare"], cwd=project, capture_output=True, text=True)
+        assert result.returncode != 0 and message in result.stdout + result.stderr, (text, result.stderr[-2000:])
+        assert _digest(project / "data/shards") == before
     params_path.write_text(original)
 
 

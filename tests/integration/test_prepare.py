@@ -5,6 +5,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,45 @@ def test_folder_rejects_links_out_special_and_oversized_files_unread(tmp_path):
     assert _tree_digest(tmp_path / "shards") == before
 
 
+# Runs its arguments as its only child and prints that child's peak RSS (kB): what prepare itself held.
+_PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+
+
+def _prepare_peak_kb(params: Path, folder: Path, out: Path) -> int:
+    command = [sys.executable, "-c", _PEAK_RSS, "genmodels", "prepare", "--params", str(params), "--out", str(out), "--set", f"prepare.source=folder:{folder}",
+               "--set", "prepare.image_size=16", "--set", "prepare.val_fraction=0", "--set", f"prepare.max_file_bytes={1 << 20}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(result.stdout.split()[-1])
+
+
+@pytest.mark.timeout(180)
+def test_a_file_growing_while_read_is_rejected_and_hostile_files_do_not_raise_peak_memory(tmp_path, repo_root):
+    """The bad folder (a 67 M pixel decompression bomb, 16-bit, CMYK, truncated...) beside a file
+    another process keeps appending to, against the good images alone: prepare's peak RSS, each
+    run in a process of its own."""
+    write_good_folder(tmp_path / "clean")
+    write_good_folder(tmp_path / "hostile")
+    cases = write_bad_folder(tmp_path / "hostile")
+    growing = tmp_path / "hostile" / "bad" / "growing.png"
+    grow = ("import sys, io; from PIL import Image; f = open(sys.argv[1], 'wb'); Image.new('L', (20, 20)).save(f, 'PNG')\n"
+            "for _ in range(4096): f.write(bytes(8192)); f.flush()")  # 32 MiB, appended while prepare runs
+    writer = subprocess.Popen([sys.executable, "-c", grow, str(growing)])
+    try:
+        clean_kb = _prepare_peak_kb(repo_root / "params.yaml", tmp_path / "clean", tmp_path / "clean-shards")
+        hostile_kb = _prepare_peak_kb(repo_root / "params.yaml", tmp_path / "hostile", tmp_path / "hostile-shards")
+    finally:
+        writer.kill()
+        writer.wait()
+    rejected = {r.key: r.reason for r in load_manifest(tmp_path / "hostile-shards").rejected}
+    assert set(rejected) == {k for k, word in cases.items() if word != "convert"} | {"bad/growing.png"}
+    assert "prepare.max_file_bytes=1048576" in rejected["bad/growing.png"], rejected["bad/growing.png"]
+    print(f"prepare peak RSS: clean folder {clean_kb / 1024:.0f} MiB, hostile folder {hostile_kb / 1024:.0f} MiB")
+    # Decoding the bomb alone would take 64 MiB (8192 x 8192 x 1 byte; seen: +130 MiB with the guard off).
+    assert hostile_kb - clean_kb < 32 * 1024, (clean_kb, hostile_kb)
+
+
 def test_on_bad_image_fail_refuses_and_keeps_previous_shards(tmp_path):
     write_good_folder(tmp_path / "images")
     out = tmp_path / "shards"
@@ -143,16 +183,25 @@ def test_crash_mid_write_leaves_previous_shards_intact(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
 
 
-def test_cli_bad_params_fail_before_touching_outputs(tmp_path, repo_root):
+@pytest.mark.parametrize("edit,overrides,message", [
+    (None, ["--set", "prepare.image_size=large"], 'prepare.image_size: expected an integer in [8, 512], got "large"'),
+    (("prepare:\n", "prepare:\n  imgsize: 28\n"), [], "prepare.imgsize: unknown key"),
+    (("prepare:\n", "prepare: [\n"), [], "params.yaml: not valid YAML"),
+    ((None, "# nothing yet\n"), [], "params.yaml: empty, no params at all"),
+], ids=["wrong-type", "unknown-key", "yaml-syntax", "empty-file"])
+def test_cli_bad_params_fail_before_touching_outputs(tmp_path, repo_root, edit, overrides, message):
     out = tmp_path / "shards"
     out.mkdir()
     (out / "manifest.json").write_text("previous")
-    result = subprocess.run(
-        ["genmodels", "prepare", "--params", str(repo_root / "params.yaml"), "--out", str(out),
-         "--set", "prepare.image_size=large"],
-        capture_output=True, text=True,
-    )
+    params = tmp_path / "params.yaml"
+    text = (repo_root / "params.yaml").read_text()
+    if edit:
+        old, new = edit
+        text = new if old is None else text.replace(old, new, 1)
+    params.write_text(text)
+    result = subprocess.run(["genmodels", "prepare", "--params", str(params), "--out", str(out), *overrides],
+                            capture_output=True, text=True)
     assert result.returncode == 2
-    assert 'prepare.image_size: expected an integer in [8, 512], got "large"' in result.stderr
+    assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert (out / "manifest.json").read_text() == "previous"

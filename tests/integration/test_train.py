@@ -9,6 +9,8 @@ MLflow run as KILLED.
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import torch
 from mlflow import MlflowClient
 
 from genmodels.config import PrepareParams, load_params, parse_params
-from genmodels.data.shards import prepare_shards
+from genmodels.data.shards import ShardError, prepare_shards
 from genmodels.files import RunLocked
 from genmodels.train.run import TrainError, train
 
@@ -181,10 +183,28 @@ def test_resume_with_a_changed_config_is_refused(ray_runtime, project, mnist_sha
         _train(project, mnist_shards, run_name="gan-config", gan={"num_steps": 8, "lr_g": 1e-3})
 
 
-def test_more_workers_than_the_cluster_has_fails_fast(ray_runtime, project, mnist_shards):
+def test_more_workers_or_gpus_than_the_cluster_has_fails_fast(ray_runtime, project, mnist_shards):
+    started = time.monotonic()
     with pytest.raises(RuntimeError, match=r"train.num_workers=16 x cpus_per_worker=1.0 needs \{'CPU': 16.0\}, but the Ray cluster has \{'CPU': 2.0\}"):
         _train(project, mnist_shards, num_workers=16)
-    assert not (project / "ray_results").exists()
+    with pytest.raises(RuntimeError, match=r"needs \{'CPU': 2.0, 'GPU': 2.0\}, but the Ray cluster has \{'CPU': 2.0, 'GPU': 0.0\}"):
+        _train(project, mnist_shards, use_gpu=True)
+    assert time.monotonic() - started < 30  # no pending placement group
+    assert {p.suffix for p in (project / "ray_results").iterdir()} == {".lock"}  # the runs' lock files: no run, no checkpoint
+
+
+@pytest.mark.parametrize("damage", ["flipped-byte", "truncated", "substituted"])
+def test_a_damaged_shard_stops_the_run_before_it_starts_naming_the_shard(project, mnist_shards, mlflow_url, tmp_path, damage):
+    shards = tmp_path / "shards"
+    shutil.copytree(mnist_shards, shards)
+    victim, other = sorted(shards.glob("train-*.tar"))[1], sorted(shards.glob("train-*.tar"))[0]
+    data = bytearray(victim.read_bytes())
+    if damage == "flipped-byte":
+        data[len(data) // 2] ^= 0xFF
+    victim.write_bytes({"flipped-byte": bytes(data), "truncated": bytes(data[:-512]), "substituted": other.read_bytes()}[damage])
+    with pytest.raises(ShardError, match=rf"shard {re.escape(str(victim))}"):
+        _train(project, shards, run_name=f"gan-{damage}")
+    assert not (project / "ray_results").exists() and _run_named(mlflow_url, f"gan-{damage}") is None
 
 
 def test_periodic_eval_is_spread_over_ranks_and_reported(ray_runtime, project, mnist_shards, mlflow_url, quick_featurizer):
