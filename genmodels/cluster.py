@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import subprocess
 import sys
 
@@ -30,8 +31,15 @@ def ensure_ray() -> None:
         # nothing to talk to. Its workers inherit this process's environment.
         for key, value in local_ray_env().items():
             os.environ.setdefault(key, value)
+        port = free_loopback_port()
+        # Ray's state API (Train's placement-group cleaner calls it from inside the cluster) finds
+        # the dashboard by looking for a GCS among this host's processes, and gives up when there
+        # are two (another project's local Ray): told where it is, it never looks. Ray's workers
+        # inherit it from this process.
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{port}"
         with _loopback_node():
-            ray.init(address="local", include_dashboard=True, dashboard_host=LOOPBACK, logging_level=logging.WARNING)
+            ray.init(address="local", include_dashboard=True, dashboard_host=LOOPBACK, dashboard_port=port,
+                     logging_level=logging.WARNING)
         _reap_when_gone(os.getpid())
 
 
@@ -70,6 +78,12 @@ _REAPERS: list[subprocess.Popen] = []
 
 
 LOOPBACK = "127.0.0.1"
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -244,7 +258,14 @@ def job_client(address: str, *, timeout_s: float = 10.0):
     try:
         with urllib.request.urlopen(f"{address.rstrip('/')}/api/version", timeout=timeout_s):
             pass
-        return JobSubmissionClient(address)
+        # Ray's client takes RAY_API_SERVER_ADDRESS over the address it is given, and ensure_ray
+        # sets that variable to this process's local Ray.
+        saved = os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        try:
+            return JobSubmissionClient(address)
+        finally:
+            if saved is not None:
+                os.environ["RAY_API_SERVER_ADDRESS"] = saved
     except (OSError, ConnectionError, RuntimeError, ValueError) as err:
         raise RuntimeError(f"no Ray job server at {address}: {str(err).splitlines()[0]} (is the head's dashboard "
                            f"running, and reachable from here? The default port is 8265)") from None

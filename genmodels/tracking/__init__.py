@@ -283,7 +283,7 @@ class RunLogger:
         return 0.0 if self._down_since is None else time.monotonic() - self._down_since
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
-        if self.resume_after_step:
+        if self.resume_after_step > 0:  # -1: never drop (evaluate logs at the last training step, maybe 0)
             values = {k: v for k, v in values.items() if step > self._logged_up_to(k)}
         if not values:
             return

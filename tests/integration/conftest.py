@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from genmodels.cluster import free_loopback_port
 from genmodels.config import FeaturizerParams, PrepareParams
 from genmodels.data.shards import prepare_shards
 from genmodels.stages.featurizer import train_featurizer
@@ -44,9 +45,13 @@ def ray_runtime():
     # default 30 s); a frozen rank never does. Read by the controller, which inherits the
     # environment of the node, not the driver's: a cluster sets it where `ray start` runs.
     os.environ["TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"] = "3"
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR")
+    port = free_loopback_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # as genmodels.cluster.ensure_ray does, and why
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             logging_level="ERROR")
     yield
     ray.shutdown()
+    del os.environ["RAY_API_SERVER_ADDRESS"]  # it overrides even an explicit --address (Ray's submission client)
 
 
 @pytest.fixture(scope="module")

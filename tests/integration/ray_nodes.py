@@ -50,6 +50,8 @@ def _ports() -> list[str]:
 
 @contextlib.contextmanager
 def ray_head(temp_dir: Path, *, num_cpus: int, env: dict | None = None, wrapper: list[str] = ()) -> Iterator[Head]:
+    """Every node is told its dashboard (RAY_API_SERVER_ADDRESS), as genmodels.cluster.ensure_ray
+    tells a local Ray, so that Ray's state API never has to pick among the Rays of this host."""
     port, dashboard_port = _free_port(), _free_port()
     head = Head(address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard_port}", temp_dir=temp_dir)
     command = [*wrapper, _ray(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
@@ -57,7 +59,7 @@ def ray_head(temp_dir: Path, *, num_cpus: int, env: dict | None = None, wrapper:
                "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(_free_port()),
                "--temp-dir", str(temp_dir), "--disable-usage-stats", *_ports()]
     try:
-        with _node(command, temp_dir / "head.log", env) as process:
+        with _node(command, temp_dir / "head.log", {"RAY_API_SERVER_ADDRESS": head.dashboard, **(env or {})}) as process:
             _wait_for(lambda: _answers(f"{head.dashboard}/api/version"), "the head's dashboard", temp_dir / "head.log", process)
             yield head
     finally:
@@ -70,7 +72,7 @@ def ray_worker_node(head: Head, log: Path, *, num_cpus: int, env: dict | None = 
     """A second node joining `head`; `wrapper` runs it inside e.g. `unshare -m sh -c ...`."""
     command = [*wrapper, _ray(), "start", "--block", "--address", head.address, "--node-ip-address", "127.0.0.1",
                "--num-cpus", str(num_cpus), "--disable-usage-stats", *_ports()]
-    with _node(command, log, env) as process:
+    with _node(command, log, {"RAY_API_SERVER_ADDRESS": head.dashboard, **(env or {})}) as process:
         yield process
 
 

@@ -199,7 +199,8 @@ def test_checkpoint_out_of_space_fails_clearly_keeps_the_last_checkpoint_and_res
     assert "No space left on device" in message, message
     assert f"checkpoints go to train.storage_path {disk} (" in message and "rerun with the same run name to resume" in message
     run_dir = disk / "gan-full-disk"
-    assert sorted(p.name for p in disk.iterdir()) == ["gan-full-disk"]  # Ray's session and temp files live elsewhere
+    # The run and its lock file (genmodels.files.run_lock): Ray's session and temp files live elsewhere.
+    assert sorted(p.name for p in disk.iterdir()) == ["gan-full-disk", "gan-full-disk.lock"]
     kept = run_dir / "step_00000002" / "state.pt"
     assert torch.load(kept, weights_only=True)["step"] == 2, "the checkpoint persisted before the disk filled up"
     kept_stat, kept_sha = kept.stat(), hashlib.sha256(kept.read_bytes()).hexdigest()

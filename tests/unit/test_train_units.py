@@ -1,14 +1,18 @@
 """Pure pieces of the training room: config rules, grids, checkpoint bundles, the job identity."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from genmodels.config import ConfigError, parse_params
 from genmodels.data.transforms import image_grid
+from genmodels.files import RunLocked, run_lock
 from genmodels.train.checkpoint import StartFrom, bundle_dir, load_bundle, read_exported, weights_digest
 from genmodels.train.chaos import Chaos
 from genmodels.train.loop import TrainJob
+from genmodels.train.run import ray_train_timeouts
 
 
 def test_wgan_gp_with_batchnorm_critic_is_refused_with_the_reason():
@@ -141,3 +145,23 @@ def test_diverged_ranks_are_detected(tmp_path):
     (tmp_path / "weights_rank1.sha256").write_text(weights_digest({"m": model}))
     with pytest.raises(RuntimeError, match="ranks hold different weights"):
         read_exported(tmp_path)
+
+
+def test_a_run_lock_refuses_a_second_holder_until_the_first_lets_go(tmp_path):
+    with run_lock(str(tmp_path), "gan-x", "train gan: run") as path:
+        assert path == tmp_path / "gan-x.lock"
+        with pytest.raises(RunLocked, match=rf"train gan: run 'gan-x' is already running \(pid {os.getpid()}@"):
+            with run_lock(f"file://{tmp_path}", "gan-x", "train gan: run"):
+                pass
+        with run_lock(str(tmp_path), "gan-y", "train gan: run"):  # another name is another lock
+            pass
+    with run_lock(str(tmp_path), "gan-x", "train gan: run"):  # released on exit
+        pass
+    with run_lock("s3://bucket/runs", "gan-x", "train gan: run") as path:  # object stores have no locks
+        assert path is None
+
+
+def test_ray_train_timeouts_come_from_the_params():
+    tp = parse_params({"train": {"collective_timeout_s": 5, "worker_health_timeout_s": 7}}).train
+    assert ray_train_timeouts(tp) == {"RAY_TRAIN_COLLECTIVE_TIMEOUT_S": "5.0", "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": "7.0",
+                                      "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60.0"}
