@@ -37,9 +37,9 @@ def repo_root() -> Path:
 
 # The slowest modules, slowest first (measured one by one on 2 cores; the rest take under a
 # minute each): xdist hands out whole modules in collection order, so none of these starts last.
-HEAVIEST_FIRST = ["test_tune", "test_faults_train", "test_dvc", "test_evaluate", "test_train", "test_cluster",
-                  "test_faults_tracking", "test_faults_storage", "test_faults_secrets", "test_bench_quality",
-                  "test_tracking_load", "test_ux", "test_registry"]
+HEAVIEST_FIRST = ["test_tune", "test_faults_train", "test_dvc", "test_faults_driver", "test_train", "test_tune_driver",
+                  "test_evaluate", "test_cluster", "test_ux", "test_faults_storage", "test_registry",
+                  "test_faults_tracking", "test_bench_quality", "test_faults_secrets", "test_tracking_load"]
 
 
 def pytest_collection_modifyitems(items):

@@ -20,9 +20,13 @@ def to_channels(img: Image.Image, channels: int) -> Image.Image:
     """
     img = ImageOps.exif_transpose(img)
     if img.mode in _HIGH_DEPTH_MODES:
-        values = np.asarray(img, dtype=np.float64)
-        scale = 255.0 / 65535.0 if img.mode != "F" else 1.0
-        img = Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8), "L")
+        # float32 in place: 4 bytes a pixel, one array (at prepare.max_image_pixels, 128 MiB where
+        # float64 and its temporaries took 768); the same uint8 values, since v / 257 is never within
+        # float32's error of a rounding boundary.
+        values = np.array(img, dtype=np.float32)
+        values *= 255.0 / 65535.0 if img.mode != "F" else 1.0
+        values += 0.5
+        img = Image.fromarray(np.clip(values, 0, 255, out=values).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in _ALPHA_MODES:

@@ -10,7 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 METRICS = {"fid", "fid_bootstrap_std", "kid", "precision", "recall", "density", "coverage", "classes_under_half_share",
            "wall_s", "num_steps"}

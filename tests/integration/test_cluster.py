@@ -113,6 +113,7 @@ def shared_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_submitted_two_node_ddp_run_needs_nothing_from_the_drivers_disk(tmp_path, tmp_path_factory, project_copy,
                                                                           mnist_shards, quick_featurizer, mlflow_url,
                                                                           shared_dir, repo_root):

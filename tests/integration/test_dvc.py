@@ -8,7 +8,10 @@ import hashlib
 import json
 import subprocess
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.slow  # each test here starts Ray, dvc or servers: 10 s to minutes on 2 cores
 
 TINY_TRAIN = {"num_workers": 1, "log_every_steps": 2, "sample_every_steps": 4, "checkpoint_every_steps": 4,
               "eval_every_steps": 4, "eval_num_samples": 50,
@@ -40,6 +43,7 @@ def _run(cwd, *args):
     return result.stdout + result.stderr
 
 
+@pytest.mark.timeout(1200)  # the whole pipeline, several times: minutes, more beside other test processes
 def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
     _shrink_training(project_copy)
     out = _run(project_copy, "dvc", "repro")
@@ -197,9 +201,10 @@ def _failed_stages_keep_their_outputs(project):
         assert message in result.stdout + result.stderr, (stage, result.stdout[-2000:], result.stderr[-2000:])
         for out in outputs:
             assert _digest(project / out) == before[out], f"{stage} failed and changed {out}"
-    # The whole file broken: DVC itself refuses bad YAML; an empty file reaches the stage's command.
+    # The whole file broken: DVC itself refuses bad YAML, and an empty file once dvc.lock records params.
     before = _digest(project / "data/shards")
-    for text, message in [("prepare: [\n", "YAML file structure is corrupted"), ("", "params.yaml: empty, no params at all")]:
+    for text, message in [("prepare: [\n", "YAML file structure is corrupted"),
+                          ("", "Parameters 'prepare' are missing from 'params.yaml'")]:
         params_path.write_text(text)
         result = subprocess.run(["dvc", "repro", "-s", "prepare"], cwd=project, capture_output=True, text=True)
         assert result.returncode != 0 and message in result.stdout + result.stderr, (text, result.stderr[-2000:])

@@ -36,6 +36,7 @@ def featurizer(mnist_shards, tmp_path_factory):
     return out / "model", summary
 
 
+@pytest.mark.slow
 def test_domain_classifier_reaches_97_percent_on_mnist5k(featurizer):
     model_dir, summary = featurizer
     assert summary["val_accuracy"] >= 0.97, summary

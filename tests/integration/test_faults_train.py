@@ -1,16 +1,11 @@
-"""Faults in training, for real (docs/RELIABILITY.md, scenarios 1-5, 10, 12 and 13): a local Ray
-with 2 CPU workers, a real `mlflow server`, real signals to real processes, faults injected with
-GENMODELS_CHAOS. Every recovered run is compared with one uninterrupted run, loss by loss and
-tensor by tensor."""
+"""Faults in training, for real (docs/RELIABILITY.md, scenarios 1, 2, 4, 5, 12 and 13): a local Ray
+with 2 CPU workers, a real `mlflow server`, faults injected with GENMODELS_CHAOS. Every recovered
+run is compared with one uninterrupted run, loss by loss and tensor by tensor. A signalled or
+killed driver: test_faults_driver.py."""
 
 import contextlib
-import json
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,11 +13,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from genmodels.config import PrepareParams, load_params
+from genmodels.config import PrepareParams
 from genmodels.data.shards import ShardError, prepare_shards
-from genmodels.files import RunLocked
 from genmodels.train.run import TrainError, train
-from tests.integration.test_train import TINY, _history, _params, _run_named, _train
+from tests.integration.test_train import _history, _params, _run_named, _train
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +46,7 @@ def _resumed_from(mlflow_url, run_id) -> set[int]:
     return {int(k.rsplit(".", 1)[1]) for k in tags if k.startswith("genmodels.resumed_from.")}
 
 
+@pytest.mark.slow
 def test_stopped_run_resumes_exactly_with_periodic_eval_on_without_logging_a_step_twice(ray_runtime, project, mnist_shards, mlflow_url, uninterrupted, monkeypatch):
     monkeypatch.setenv("GENMODELS_CHAOS", f"raise:1:10:{project / 'fault-once'}")
     with pytest.raises(TrainError, match="injected failure on rank 1 at step 10"):
@@ -68,6 +63,7 @@ def test_stopped_run_resumes_exactly_with_periodic_eval_on_without_logging_a_ste
     _assert_equals_uninterrupted(project, mlflow_url, run_id, uninterrupted)
 
 
+@pytest.mark.slow
 def test_killed_worker_is_restarted_and_the_run_completes(ray_runtime, project, mnist_shards, mlflow_url, uninterrupted, monkeypatch):
     monkeypatch.setenv("GENMODELS_CHAOS", f"kill:1:10:{project / 'kill-once'}")
     summary = _train(project, mnist_shards, run_name="gan-kill", max_failures=1)
@@ -77,6 +73,7 @@ def test_killed_worker_is_restarted_and_the_run_completes(ray_runtime, project, 
     _assert_equals_uninterrupted(project, mlflow_url, summary["mlflow_run_id"], uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(ray_runtime, project, mnist_shards, mlflow_url, uninterrupted, monkeypatch):
     monkeypatch.setenv("GENMODELS_CHAOS", f"tear:0:8:{project / 'tear-once'}")
     summary = _train(project, mnist_shards, run_name="gan-tear", max_failures=1)
@@ -97,6 +94,7 @@ def _frozen_ray_workers() -> list[int]:
     return frozen
 
 
+@pytest.mark.slow
 def test_a_hung_rank_fails_the_run_within_the_collective_timeout_and_a_rerun_resumes(ray_runtime, project, mnist_shards, mlflow_url, uninterrupted, monkeypatch):
     marker = project / "stop-once"
     monkeypatch.setenv("GENMODELS_CHAOS", f"stop:1:6:{marker}")
@@ -139,6 +137,7 @@ def test_a_damaged_shard_stops_the_run_before_it_starts_naming_the_shard(project
 
 
 @pytest.mark.timeout(300)  # a rank left without data would hang in the all-reduce: fail instead
+@pytest.mark.slow
 def test_one_shard_for_two_ranks_of_two_loader_workers_each_trains_in_step(ray_runtime, project, tmp_path):
     shards = tmp_path / "one-shard"
     prepare_shards(PrepareParams(source="digits", max_samples_per_shard=1_000_000, val_fraction=0.0), shards)
@@ -147,82 +146,3 @@ def test_one_shard_for_two_ranks_of_two_loader_workers_each_trains_in_step(ray_r
     final = project / "ray_results" / "vae-one-shard" / "step_00000008"
     digests = [p.read_text() for p in final.glob("weights_rank*.sha256")]
     assert summary["step"] == 8 and len(digests) == 2 and len(set(digests)) == 1  # both ranks reached step 8, in step
-
-
-@pytest.mark.parametrize("signum,exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_to_the_driver_ends_the_run_as_killed(project, mnist_shards, mlflow_url, signum, exit_code):
-    """A real `genmodels train` process with its own Ray, signalled mid-training."""
-    run_name = f"gan-signal-{signum}"
-    params = {"train": {**TINY, "num_workers": 1, "run_name": run_name, "checkpoint_every_steps": 1000,
-                        "log_every_steps": 1, "gan": {**TINY["gan"], "num_steps": 100_000}}}
-    (project / "params.yaml").write_text(json.dumps(params))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "genmodels.cli", "train", "gan", "--shards", str(mnist_shards)],
-        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while not ((run := _run_named(mlflow_url, run_name)) and "train/loss_d" in run.data.metrics):
-            assert process.poll() is None, process.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "training never logged a step"
-            time.sleep(0.5)  # polling the tracking server for a condition, not waiting out a race
-        process.send_signal(signum)
-        output, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == exit_code, output[-3000:]
-    assert MlflowClient(mlflow_url).get_run(run.info.run_id).info.status == "KILLED"
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for pid in (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()):
-        with contextlib.suppress(ProcessLookupError):
-            if os.getpgid(pid) == pgid:
-                members.append(pid)
-    return members
-
-
-def test_a_sigkilled_driver_is_resumed_by_running_the_command_again(project, mnist_shards, mlflow_url):
-    """SIGKILL, which no handler sees (the OOM killer, a lost login node): the MLflow run stays
-    RUNNING until the same command runs again, finds it by its run key and resumes it."""
-    run_name = "gan-driver-kill"
-
-    def command(num_steps: int) -> list[str]:
-        params = {"train": {**TINY, "num_workers": 1, "run_name": run_name, "log_every_steps": 1, "eval_every_steps": 0,
-                            "sample_every_steps": 1000, "gan": {**TINY["gan"], "num_steps": num_steps}}}
-        (project / "params.yaml").write_text(json.dumps(params))
-        return [sys.executable, "-m", "genmodels.cli", "train", "gan", "--shards", str(mnist_shards)]
-
-    process = subprocess.Popen(command(24), cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    storage = project / "ray_results" / run_name
-    try:
-        deadline = time.monotonic() + 180
-        while not (storage / "checkpoint_manager_snapshot.json").exists():  # Train's record of a registered checkpoint
-            assert process.poll() is None, process.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "no checkpoint was ever registered"
-            time.sleep(0.2)  # polling the filesystem for a condition, not waiting out a race
-        with pytest.raises(RunLocked, match=rf"train gan: run '{run_name}' is already running \(pid {process.pid}@"):
-            train(load_params(project / "params.yaml"), "gan", shards=mnist_shards, project_dir=project)
-        process.kill()  # the driver alone
-        process.wait(timeout=30)
-        deadline = time.monotonic() + 60
-        while _group_members(process.pid):  # the local Ray dies with its driver (genmodels.cluster's reaper)
-            assert time.monotonic() < deadline, "the killed driver's local Ray outlived it: " + str([(pid, Path(f"/proc/{pid}/cmdline").read_bytes()[:200]) for pid in _group_members(process.pid)])
-            time.sleep(0.2)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # only when an assertion above failed
-    run = _run_named(mlflow_url, run_name)
-    assert run.info.status == "RUNNING"
-
-    rerun = subprocess.run(command(28), cwd=project, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "(resumed)" in rerun.stdout
-    assert json.loads((project / "models/gan/mlflow.json").read_text())["run_id"] == run.info.run_id
-    resumed_at = _resumed_from(mlflow_url, run.info.run_id)
-    assert len(resumed_at) == 1 and 0 < min(resumed_at) <= 24  # from the checkpoint it had, not from scratch
-    assert [s for s, _ in _history(mlflow_url, run.info.run_id, "train/loss_d")] == list(range(1, 29))
-    assert MlflowClient(mlflow_url).get_run(run.info.run_id).info.status == "FINISHED"

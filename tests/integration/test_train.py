@@ -40,6 +40,7 @@ def _train(project, mnist_shards, family="gan", featurizer_dir=None, **train_par
                  metrics_dir=project / "metrics", project_dir=project, featurizer_dir=featurizer_dir or project / "models" / "featurizer")
 
 
+@pytest.mark.slow
 def test_gan_on_two_workers_logs_to_mlflow_and_keeps_ranks_identical(ray_runtime, project, mnist_shards, mlflow_url):
     summary = _train(project, mnist_shards, run_name="gan-basic")
     assert summary["step"] == 12 and summary["world_size"] == 2 and not summary["resumed"]
@@ -79,12 +80,14 @@ def test_vae_trains_and_logs_reconstructions(ray_runtime, project, mnist_shards,
     assert set(torch.load(project / "models/vae/weights.pt", weights_only=True)) == {"vae"}
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_config_is_refused(ray_runtime, project, mnist_shards):
     _train(project, mnist_shards, run_name="gan-config", gan={"num_steps": 4})
     with pytest.raises(TrainError, match=r"different config \(changed: gan.lr_g: 0.0002 -> 0.001\)"):
         _train(project, mnist_shards, run_name="gan-config", gan={"num_steps": 8, "lr_g": 1e-3})
 
 
+@pytest.mark.slow
 def test_periodic_eval_is_spread_over_ranks_and_reported(ray_runtime, project, mnist_shards, mlflow_url, quick_featurizer):
     gan = _train(project, mnist_shards, run_name="gan-eval", eval_every_steps=6, eval_num_samples=101, featurizer_dir=quick_featurizer)
     fid = _history(mlflow_url, gan["mlflow_run_id"], "eval/fid")

@@ -3,31 +3,30 @@
 
 What is asserted is the machinery: early stopping and the resources it frees, the MLflow parent
 and children, the best-config overlay and the command that trains with it, Optuna's proposals,
-a PBT exploit that really starts from the donor's weights, restore after the driver is killed,
-and the preflight.
+a PBT exploit that really starts from the donor's weights, and the preflight. A killed or
+interrupted driver: test_tune_driver.py.
 """
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
-import ray
 import yaml
 from mlflow import MlflowClient
 
 from genmodels.config import load_params, parse_params
-from genmodels.files import RunLocked
 from genmodels.tune import SweepError, tune
+
 
 TRIAL = {
     "num_workers": 1, "batch_size_per_worker": 32, "log_every_steps": 4, "sample_every_steps": 100,
     "checkpoint_every_steps": 4, "eval_every_steps": 4, "eval_num_samples": 50, "num_checkpoints_kept": 10,
     "max_failures": 0, "gan": {"width": 8, "latent_dim": 16, "num_steps": 16},
 }
+
+
 SPACE = {"gan": {"train.gan.lr_g": {"loguniform": [0.00001, 0.01]}, "train.gan.lr_d": {"loguniform": [0.00001, 0.01]}}}
 
 
@@ -64,6 +63,7 @@ def _live_sweep_resources(timeout_s=60.0):
         time.sleep(0.5)  # polling Ray's state for a condition, with a deadline
 
 
+@pytest.mark.slow
 def test_asha_sweep_stops_trials_early_logs_parent_and_children_and_writes_a_usable_best_config(
         ray_runtime, project, mnist_shards, mlflow_url, capsys):
     started = time.monotonic()
@@ -124,6 +124,7 @@ def test_asha_sweep_stops_trials_early_logs_parent_and_children_and_writes_a_usa
     assert MlflowClient(mlflow_url).get_run(run_id).data.params["gan.lr_g"] == str(best["train"]["gan"]["lr_g"])
 
 
+@pytest.mark.slow
 def test_optuna_sweep_proposes_from_its_sampler(ray_runtime, project, mnist_shards, mlflow_url):
     # One trial at a time: TPE's start-up phase is max(2, num_samples // 4) = 2 trials, so the third
     # is proposed from the model of two finished ones.
@@ -151,6 +152,7 @@ def test_optuna_sweep_proposes_from_its_sampler(ray_runtime, project, mnist_shar
         tune(changed, "gan", shards=mnist_shards, out_dir=project / "tune", project_dir=project, resume=True)
 
 
+@pytest.mark.slow
 def test_pbt_exploit_starts_from_the_donors_checkpoint(ray_runtime, project, mnist_shards, mlflow_url):
     params = _params(scheduler="pbt", num_samples=2, num_steps=8, perturbation_interval=4, resample_probability=0.5, name="gan-pbt")
     summary = tune(params, "gan", shards=mnist_shards, out_dir=project / "tune", project_dir=project,
@@ -179,82 +181,6 @@ def test_pbt_exploit_starts_from_the_donors_checkpoint(ray_runtime, project, mni
         own = project / "ray_results" / "gan-pbt.trials" / f"gan-pbt-{tags['tune.trial_id']}"
         assert max(int(p.name.removeprefix("step_")) for p in own.glob("step_*")) == int(step)
         print(f"PBT exploit at step {step}: trial {tags['tune.trial_id']} took {donor}'s weights ({loaded[:12]}), now {mutated}")
-
-
-@pytest.fixture
-def driver_env(ray_runtime, monkeypatch):
-    """`genmodels tune` subprocesses join the test's Ray, as a driver joins a cluster. A second local
-    Ray on the host would break Train's placement-group cleaner (it connects with address="auto"
-    and refuses to pick between two instances), so a trial stopped by PBT would never release its
-    CPUs."""
-    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
-
-
-def _child_statuses(url, sweep_name):
-    _, children = _runs(url, sweep_name)
-    return {c.data.tags["tune.trial_id"]: c.info.status for c in children}
-
-
-def test_a_killed_driver_resumes_without_rerunning_finished_trials(driver_env, project, mnist_shards, mlflow_url):
-    """A real `genmodels tune` process, SIGKILLed after a trial finished, then `--resume`."""
-    name = "gan-killed"
-    (project / "params.yaml").write_text(yaml.safe_dump({
-        "train": {**TRIAL, "gan": {**TRIAL["gan"], "num_steps": 8}},
-        "tune": {"name": name, "num_samples": 3, "scheduler": "fifo", "space": SPACE}}))
-    command = [sys.executable, "-m", "genmodels.cli", "tune", "gan", "--shards", str(mnist_shards)]
-    process = subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while "FINISHED" not in _child_statuses(mlflow_url, name).values():
-            assert process.poll() is None, process.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "no trial finished"
-            time.sleep(0.5)  # polling the tracking server for a condition, not waiting out a race
-        with pytest.raises(RunLocked, match=rf"tune gan: sweep '{name}' is already running \(pid {process.pid}@"):
-            tune(load_params(project / "params.yaml"), "gan", shards=mnist_shards, project_dir=project, resume=True)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the driver: Ray ends its job's trials and Train runs
-        process.communicate()
-    killed_at = time.time()
-    finished = {t for t, status in _child_statuses(mlflow_url, name).items() if status == "FINISHED"}
-    trials = project / "ray_results" / f"{name}.trials"
-
-    done = subprocess.run([*command, "--resume"], cwd=project, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    parents, children = _runs(mlflow_url, name)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
-    for child in children:
-        steps = _steps(mlflow_url, child.info.run_id, "train/loss_d")
-        assert steps == [4, 8], (child.data.tags["tune.trial_id"], steps)  # resumed, no step twice
-    for trial in finished:  # a trial finished before the kill trained nothing more
-        checkpoints = list((trials / f"{name}-{trial}").glob("step_*"))
-        assert checkpoints and all(p.stat().st_mtime < killed_at for p in checkpoints), trial
-    assert (project / "tune" / "gan_best.yaml").is_file()
-
-
-def test_ctrl_c_stops_the_sweep_and_leaves_no_run_running(driver_env, project, mnist_shards, mlflow_url):
-    name = "gan-interrupted"
-    (project / "params.yaml").write_text(yaml.safe_dump({
-        "train": {**TRIAL, "gan": {**TRIAL["gan"], "num_steps": 100_000}},
-        "tune": {"name": name, "num_samples": 2, "scheduler": "fifo", "space": SPACE}}))
-    process = subprocess.Popen([sys.executable, "-m", "genmodels.cli", "tune", "gan", "--shards", str(mnist_shards)],
-                               cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not any("train/loss_d" in c.data.metrics for c in _runs(mlflow_url, name)[1]):
-            assert process.poll() is None, process.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "no trial logged a step"
-            time.sleep(0.5)  # polling the tracking server for a condition, not waiting out a race
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=180)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 130, output[-3000:]
-    parents, children = _runs(mlflow_url, name)
-    assert [p.info.status for p in parents] == ["KILLED"]
-    assert children and all(c.info.status == "KILLED" for c in children), [c.info.status for c in children]
 
 
 def test_a_trial_larger_than_the_cluster_fails_in_seconds(ray_runtime, project, mnist_shards):

@@ -10,7 +10,10 @@ import re
 import subprocess
 import sys
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.slow  # each test here starts Ray, dvc or servers: 10 s to minutes on 2 cores
 
 TRAIN = {"num_workers": 2, "batch_size_per_worker": 32, "log_every_steps": 4, "sample_every_steps": 100,
          "checkpoint_every_steps": 4, "eval_every_steps": 4, "eval_num_samples": 50, "max_failures": 1,
