@@ -37,38 +37,54 @@ def ensure_ray() -> None:
         # are two (another project's local Ray): told where it is, it never looks. Ray's workers
         # inherit it from this process.
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{port}"
+        before = _descendants()
         with _loopback_node():
             ray.init(address="local", include_dashboard=True, dashboard_host=LOOPBACK, dashboard_port=port,
                      logging_level=logging.WARNING)
-        _reap_when_gone(os.getpid())
+        _reap_when_gone([p for p in _descendants() if p not in before])
 
 
 # Waits for EOF on stdin, a pipe whose write end only the driver holds: the driver is gone, by
-# any exit, SIGKILL included. Then kills the processes it was given (pid, start time), unless the
-# pid now names another process.
+# any exit, SIGKILL included. Then kills the processes it was given (pid, start time in clock ticks
+# since boot: a wall-clock start time moves when NTP steps the clock), unless the pid now names
+# another process.
 _REAPER = """
-import sys, psutil
+import os, signal, sys
+def started(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[19]
 sys.stdin.buffer.read()
-for pid, created in zip(sys.argv[1::2], sys.argv[2::2]):
+for pid, ticks in zip(sys.argv[1::2], sys.argv[2::2]):
     try:
-        process = psutil.Process(int(pid))
-        if process.create_time() == float(created):
-            process.kill()
-    except psutil.Error:
+        if started(pid) == ticks:
+            os.kill(int(pid), signal.SIGKILL)
+    except OSError:
         pass
 """
 
 
-def _reap_when_gone(driver: int) -> None:
+def _start_ticks(pid: int) -> str:
+    """Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[19]
+
+
+def _descendants() -> set:
+    import psutil
+
+    return set(psutil.Process().children(recursive=True))  # psutil.Process compares by pid and start time
+
+
+def _reap_when_gone(started: list) -> None:
     """Make the local Ray die with its driver. Ray starts its head processes (GCS, raylet,
     dashboard) to die with their parent (PR_SET_PDEATHSIG), but not the dashboard and runtime-env
     agents the raylet starts: a driver killed by SIGKILL left those two running for good (Ray
-    2.60), holding their ports. A reaper in its own session outlives the driver and kills what
-    was started under it."""
-    import psutil
-
-    started = psutil.Process(driver).children(recursive=True)
-    args = [str(value) for p in started for value in (p.pid, p.create_time())]
+    2.60), holding their ports. A reaper in its own session outlives the driver and kills the
+    processes `ray.init` started (`started`: psutil.Process objects), none other of the driver's."""
+    args = []
+    for process in started:
+        with contextlib.suppress(OSError):  # gone already
+            args += [str(process.pid), _start_ticks(process.pid)]
     reaper = subprocess.Popen([sys.executable, "-c", _REAPER, *args], stdin=subprocess.PIPE, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _REAPERS.append(reaper)  # its pipe stays open for as long as this process lives

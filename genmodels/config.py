@@ -435,7 +435,7 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if raw is None:  # an empty (or all-comment) file: every default, which no one meant on purpose
-        raise ConfigError(f"{path}: empty, no params at all (a truncated write?); restore it, e.g. git checkout {path.name}")
+        raise ConfigError(f"{path}: empty, no params at all (a truncated write?); restore it, or delete it if it is an overlay")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of stage sections, got {type(raw).__name__}")
     return raw

@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 
 _SECRET_WORDS = {"PASSWORD", "PASSWD", "PASS", "SECRET", "TOKEN", "KEY", "CREDENTIAL", "CREDENTIALS", "AUTH", "PRIVATE"}
-_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*)://([^\s/@]*)@", flags=re.I)
+# user[:password]@ after the scheme; a password may hold "/" (SQLAlchemy parses postgresql://u:pa/ss@h/db so)
+_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*)://([^\s/@:]*(?::[^\s@]*)?)@", flags=re.I)
 
 
 def secret_name(name: str) -> bool:

@@ -296,8 +296,14 @@ class RunLogger:
         self._flush(step)
 
     def _logged_up_to(self, key: str) -> int:
+        """One request (LOGGING_HTTP's retries), never an outage waited out: rank 0 alone makes it
+        while the other ranks wait in a collective. Unanswered, the key counts as logged up to
+        `resume_after_step`, and is asked again next time."""
         if key not in self._last_step:
-            self._last_step[key] = last_logged_step(self.uri, self.run_id, key, outage_s=self.outage_s)
+            try:
+                self._last_step[key] = last_logged_step(self.uri, self.run_id, key, outage_s=0)
+            except TrackingError:
+                return self.resume_after_step
         return self._last_step[key]
 
     def resend(self, points: list[tuple[str, float, int, int]]) -> None:
