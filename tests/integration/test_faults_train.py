@@ -97,7 +97,9 @@ def _frozen_ray_workers() -> list[int]:
 @pytest.mark.slow
 def test_a_hung_rank_fails_the_run_within_the_collective_timeout_and_a_rerun_resumes(ray_runtime, project, mnist_shards, mlflow_url, uninterrupted, monkeypatch):
     marker = project / "stop-once"
-    monkeypatch.setenv("GENMODELS_CHAOS", f"stop:1:6:{marker}")
+    # At step 10: Train registers a checkpoint once its controller has polled every rank's report,
+    # and a rank frozen right after its step-4 report (at 6) was seen to leave none registered.
+    monkeypatch.setenv("GENMODELS_CHAOS", f"stop:1:10:{marker}")
     with pytest.raises(TrainError, match="Timed out waiting 10000ms") as failed:  # gloo, under train.collective_timeout_s
         _train(project, mnist_shards, run_name="gan-hung", collective_timeout_s=10)
     detected_s = time.time() - marker.stat().st_mtime  # from the SIGSTOP to the driver's error
@@ -108,7 +110,7 @@ def test_a_hung_rank_fails_the_run_within_the_collective_timeout_and_a_rerun_res
     assert MlflowClient(mlflow_url).get_run(run_id).info.status == "FAILED"
 
     summary = _train(project, mnist_shards, run_name="gan-hung")  # the default timeout; the marker stops a 2nd freeze
-    assert summary["mlflow_run_id"] == run_id and _resumed_from(mlflow_url, run_id) == {4}
+    assert summary["mlflow_run_id"] == run_id and _resumed_from(mlflow_url, run_id) in ({4}, {8})
     _assert_equals_uninterrupted(project, mlflow_url, run_id, uninterrupted)
 
 

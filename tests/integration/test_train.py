@@ -41,8 +41,8 @@ def _train(project, mnist_shards, family="gan", featurizer_dir=None, **train_par
 
 
 @pytest.mark.slow
-def test_gan_on_two_workers_logs_to_mlflow_and_keeps_ranks_identical(ray_runtime, project, mnist_shards, mlflow_url):
-    summary = _train(project, mnist_shards, run_name="gan-basic")
+def test_gan_on_two_workers_logs_to_mlflow_keeps_ranks_identical_and_spreads_periodic_eval(ray_runtime, project, mnist_shards, mlflow_url):
+    summary = _train(project, mnist_shards, run_name="gan-basic", eval_num_samples=101)
     assert summary["step"] == 12 and summary["world_size"] == 2 and not summary["resumed"]
     final = project / "ray_results" / "gan-basic" / "step_00000012"
     digests = {p.read_text() for p in final.glob("weights_rank*.sha256")}
@@ -66,9 +66,15 @@ def test_gan_on_two_workers_logs_to_mlflow_and_keeps_ranks_identical(ray_runtime
     curve = (project / "metrics/train_gan_curve.csv").read_text().splitlines()
     assert curve[0].startswith("step,loss_d,loss_g") and len(curve) == 4
 
+    fid = _history(mlflow_url, run_id, "eval/fid")
+    assert [s for s, _ in fid] == [6, 12] and all(v > 0 for _, v in fid)
+    # 101 = 51 generated on rank 0 + 50 on rank 1, merged by all-reduce: both ranks did their share.
+    assert [v for _, v in _history(mlflow_url, run_id, "eval/num_generated")] == [101, 101]
+    assert summary["eval/fid"] == fid[-1][1]  # what Ray (and so Tune) received at the last report
 
-def test_vae_trains_and_logs_reconstructions(ray_runtime, project, mnist_shards, mlflow_url):
-    summary = _train(project, mnist_shards, family="vae", run_name="vae-basic", sample_every_steps=8)
+
+def test_vae_trains_logs_reconstructions_and_periodic_val_elbo(ray_runtime, project, mnist_shards, mlflow_url):
+    summary = _train(project, mnist_shards, family="vae", run_name="vae-basic", sample_every_steps=8, eval_every_steps=4)
     assert summary["step"] == 8
     run_id = summary["mlflow_run_id"]
     elbo = _history(mlflow_url, run_id, "train/elbo")
@@ -78,29 +84,10 @@ def test_vae_trains_and_logs_reconstructions(ray_runtime, project, mnist_shards,
     artifacts = " ".join(a.path for a in MlflowClient(mlflow_url).list_artifacts(run_id, "images"))
     assert "samples" in artifacts and "reconstructions" in artifacts
     assert set(torch.load(project / "models/vae/weights.pt", weights_only=True)) == {"vae"}
-
-
-@pytest.mark.slow
-def test_resume_with_a_changed_config_is_refused(ray_runtime, project, mnist_shards):
-    _train(project, mnist_shards, run_name="gan-config", gan={"num_steps": 4})
-    with pytest.raises(TrainError, match=r"different config \(changed: gan.lr_g: 0.0002 -> 0.001\)"):
-        _train(project, mnist_shards, run_name="gan-config", gan={"num_steps": 8, "lr_g": 1e-3})
-
-
-@pytest.mark.slow
-def test_periodic_eval_is_spread_over_ranks_and_reported(ray_runtime, project, mnist_shards, mlflow_url, quick_featurizer):
-    gan = _train(project, mnist_shards, run_name="gan-eval", eval_every_steps=6, eval_num_samples=101, featurizer_dir=quick_featurizer)
-    fid = _history(mlflow_url, gan["mlflow_run_id"], "eval/fid")
-    assert [s for s, _ in fid] == [6, 12] and all(v > 0 for _, v in fid)
-    # 101 = 51 generated on rank 0 + 50 on rank 1, merged by all-reduce: both ranks did their share.
-    assert [v for _, v in _history(mlflow_url, gan["mlflow_run_id"], "eval/num_generated")] == [101, 101]
-    assert gan["eval/fid"] == fid[-1][1]  # what Ray (and so Tune) received at the last report
-
-    vae = _train(project, mnist_shards, family="vae", run_name="vae-eval", eval_every_steps=4)
-    elbo = _history(mlflow_url, vae["mlflow_run_id"], "eval/elbo")
+    elbo = _history(mlflow_url, run_id, "eval/elbo")
     assert [s for s, _ in elbo] == [4, 8] and all(v < 0 for _, v in elbo)
     num_val = json.loads((mnist_shards / "manifest.json").read_text())["splits"]["val"]["num_samples"]
-    assert [v for _, v in _history(mlflow_url, vae["mlflow_run_id"], "eval/num_val")] == [num_val, num_val]
+    assert [v for _, v in _history(mlflow_url, run_id, "eval/num_val")] == [num_val, num_val]
 
 
 def test_periodic_gan_fid_without_a_featurizer_says_what_to_do(ray_runtime, project, mnist_shards):
@@ -108,25 +95,28 @@ def test_periodic_gan_fid_without_a_featurizer_says_what_to_do(ray_runtime, proj
         _train(project, mnist_shards, eval_every_steps=6, featurizer_dir=project / "no-featurizer")
 
 
-def test_wgan_gp_double_backward_works_under_ddp(ray_runtime, project, mnist_shards):
-    summary = _train(project, mnist_shards, run_name="gan-wgan-gp",
-                     gan={"loss": "wgan-gp", "d_norm": "layer", "spectral_norm": True, "d_steps_per_g_step": 2, "num_steps": 4})
+def test_wgan_gp_double_backward_works_under_ddp_and_a_resume_with_a_changed_config_is_refused(ray_runtime, project, mnist_shards):
+    wgan = {"loss": "wgan-gp", "d_norm": "layer", "spectral_norm": True, "d_steps_per_g_step": 2, "num_steps": 4}
+    summary = _train(project, mnist_shards, run_name="gan-wgan-gp", gan=wgan)
     assert summary["step"] == 4
     final = project / "ray_results" / "gan-wgan-gp" / "step_00000004"
     assert len({p.read_text() for p in final.glob("weights_rank*.sha256")}) == 1
+    # More steps resume the run; another learning rate would silently make it another run.
+    with pytest.raises(TrainError, match=r"different config \(changed: gan.lr_g: 0.0002 -> 0.001\)"):
+        _train(project, mnist_shards, run_name="gan-wgan-gp", gan={**wgan, "num_steps": 8, "lr_g": 1e-3})
 
 
 def test_vae_without_val_data_trains_and_skips_val_metrics(ray_runtime, project, tmp_path):
     shards = tmp_path / "no-val-shards"
     prepare_shards(PrepareParams(source="mnist5k", val_fraction=0.0), shards)
-    summary = _train(project, shards, family="vae", run_name="vae-no-val", eval_every_steps=4)
+    summary = _train(project, shards, family="vae", run_name="vae-no-val", eval_every_steps=4, num_workers=1)
     assert summary["step"] == 8 and "eval/elbo" not in summary
 
 
 def test_a_failed_export_marks_the_run_failed(ray_runtime, project, mnist_shards, mlflow_url):
     (project / "not-a-dir").write_text("a file where models/ should be")
     with pytest.raises(OSError):
-        train(_params(run_name="gan-export-fails", gan={"num_steps": 4}), "gan", shards=mnist_shards,
+        train(_params(run_name="gan-export-fails", num_workers=1, gan={"num_steps": 4}), "gan", shards=mnist_shards,
               models_dir=project / "not-a-dir", metrics_dir=project / "metrics", project_dir=project,
               featurizer_dir=project / "models" / "featurizer")
     run = _run_named(mlflow_url, "gan-export-fails")
