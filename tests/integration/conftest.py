@@ -60,8 +60,9 @@ def mlflow_url(tmp_path_factory):
         yield url
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def quick_featurizer(mnist_shards, tmp_path_factory):
+    """One epoch of the domain classifier (6 s of CPU), once per test process; tests only read it."""
     out = tmp_path_factory.mktemp("featurizer")
     train_featurizer(FeaturizerParams(num_epochs=1), mnist_shards, out / "model", out / "featurizer.json")
     return out / "model"
