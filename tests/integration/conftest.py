@@ -8,6 +8,7 @@ import ray
 
 from genmodels.cluster import free_loopback_port
 from genmodels.config import FeaturizerParams, PrepareParams
+from genmodels.progress import local_ray_env
 from genmodels.data.shards import prepare_shards
 from genmodels.stages.featurizer import train_featurizer
 from tests.integration.mlflow_server import start_mlflow_server
@@ -45,6 +46,8 @@ def ray_runtime():
     # default 30 s); a frozen rank never does. Read by the controller, which inherits the
     # environment of the node, not the driver's: a cluster sets it where `ray start` runs.
     os.environ["TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"] = "3"
+    for key, value in local_ray_env().items():  # as genmodels.cluster.ensure_ray does (no preemption watcher)
+        os.environ.setdefault(key, value)
     port = free_loopback_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # as genmodels.cluster.ensure_ray does, and why
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
