@@ -124,7 +124,9 @@ def _batches(shards: Path, seed: int):
 
 def _train_for(budget_s: float, shards: Path, seed: int, step, model: nn.Module, snapshot_s: tuple[float, ...] = ()) -> list:
     """`step(batch)` over the train split until the steps alone (not the loading) took `budget_s`;
-    [(model, {"wall_s", "num_steps"})] for a copy of `model` at each of `snapshot_s`, then at the end."""
+    [(model, {"wall_s", "num_steps"})] for a copy of `model` at each of `snapshot_s`, then at the end.
+    The end comes at least one step after the last copy: on a loaded machine one step can pass a
+    snapshot's time and the budget at once, and the copy would be the final model itself."""
     steps, spent, out, pending = 0, 0.0, [], sorted(t for t in snapshot_s if t < budget_s)
     for real in _batches(shards, seed):
         start = time.perf_counter()
@@ -133,7 +135,7 @@ def _train_for(budget_s: float, shards: Path, seed: int, step, model: nn.Module,
         if pending and spent >= pending[0]:
             pending.pop(0)
             out.append((copy.deepcopy(model).eval(), {"wall_s": spent, "num_steps": steps}))
-        if spent >= budget_s:
+        if spent >= budget_s and not (out and out[-1][1]["num_steps"] == steps):
             return out + [(model.eval(), {"wall_s": spent, "num_steps": steps})]
 
 

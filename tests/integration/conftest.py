@@ -46,8 +46,8 @@ def ray_runtime():
     # default 30 s); a frozen rank never does. Read by the controller, which inherits the
     # environment of the node, not the driver's: a cluster sets it where `ray start` runs.
     os.environ["TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"] = "3"
-    for key, value in local_ray_env().items():  # as genmodels.cluster.ensure_ray does (no preemption watcher)
-        os.environ.setdefault(key, value)
+    added = {k: v for k, v in local_ray_env().items() if k not in os.environ}  # as genmodels.cluster.ensure_ray does
+    os.environ.update(added)
     port = free_loopback_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # as genmodels.cluster.ensure_ray does, and why
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
@@ -55,6 +55,8 @@ def ray_runtime():
     yield
     ray.shutdown()
     del os.environ["RAY_API_SERVER_ADDRESS"]  # it overrides even an explicit --address (Ray's submission client)
+    for key in added:  # a later module's `genmodels train` must show that it sets them itself (test_ux)
+        del os.environ[key]
 
 
 @pytest.fixture(scope="module")

@@ -48,3 +48,18 @@ def test_smoke_run_writes_a_side_by_side_table_results_and_grids(repo_root, tmp_
 
     width, height = Image.open(tmp_path / "grids.png").size
     assert width > 2 * 8 * 28 and height > 2 * 8 * 28  # per family a row: default's grid, baseline's grid
+
+
+def test_the_baselines_copy_is_never_its_final_model(repo_root, mnist_shards):
+    """One step that passes a snapshot's time and the budget at once (a loaded machine) gets one
+    step more, so the copy and the final model differ; it made the smoke run above flaky."""
+    import importlib.util
+    import time
+
+    from torch import nn
+
+    spec = importlib.util.spec_from_file_location("bench_quality", repo_root / "bench" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    out = quality._train_for(0.2, mnist_shards, 0, lambda batch: time.sleep(0.3), nn.Linear(1, 1), snapshot_s=(0.1,))
+    assert [info["num_steps"] for _, info in out] == [1, 2]  # a step that takes 0.3 s, not a wait for anything

@@ -101,7 +101,7 @@ def test_wgan_gp_double_backward_works_under_ddp_and_a_resume_with_a_changed_con
     assert summary["step"] == 4
     final = project / "ray_results" / "gan-wgan-gp" / "step_00000004"
     assert len({p.read_text() for p in final.glob("weights_rank*.sha256")}) == 1
-    # More steps resume the run; another learning rate would silently make it another run.
+    # More steps would resume the run; a changed learning rate is refused, never mixed into it.
     with pytest.raises(TrainError, match=r"different config \(changed: gan.lr_g: 0.0002 -> 0.001\)"):
         _train(project, mnist_shards, run_name="gan-wgan-gp", gan={**wgan, "num_steps": 8, "lr_g": 1e-3})
 

@@ -24,6 +24,7 @@ def test_shipped_params_yaml_validates(repo_root):
         ({"prepare": {"imgsize": 32}}, "prepare.imgsize: unknown key (expected one of: source, image_size"),
         ({"prepair": {}}, "prepair: unknown key (expected one of: prepare"),
         ({"prepare": 5}, "prepare: expected a mapping, got 5"),
+        ({"train": {"vae": {"lr": 0}}}, "train.vae.lr: expected a number in (0, 1], got 0"),  # dvc's train@vae case
     ],
 )
 def test_bad_values_name_key_value_and_expectation(raw, message):
