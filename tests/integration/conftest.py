@@ -40,8 +40,12 @@ def project_copy(tmp_path, repo_root) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_runtime():
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # the controller polls workers this often
+def ray_runtime(request):
+    # The controller polls its workers every 2 s (Ray's default); each poll costs CPU on 2 cores.
+    # A module whose subject is when Train sees a report or a fault sets FAST_TRAIN_POLLS = True:
+    # 0.2 s, so a checkpoint is registered and a failure noticed at the step the test expects.
+    fast = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"} if getattr(request.module, "FAST_TRAIN_POLLS", False) else {}
+    os.environ.update(fast)
     # After a failure, Train waits this long for each rank to leave its process group (Ray's
     # default 30 s); a frozen rank never does. Read by the controller, which inherits the
     # environment of the node, not the driver's: a cluster sets it where `ray start` runs.
@@ -55,7 +59,7 @@ def ray_runtime():
     yield
     ray.shutdown()
     del os.environ["RAY_API_SERVER_ADDRESS"]  # it overrides even an explicit --address (Ray's submission client)
-    for key in added:  # a later module's `genmodels train` must show that it sets them itself (test_ux)
+    for key in [*added, *fast]:  # a later module's `genmodels train` must show that it sets them itself (test_ux)
         del os.environ[key]
 
 

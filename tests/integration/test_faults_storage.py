@@ -27,6 +27,8 @@ from genmodels.files import staging_dir
 from genmodels.train.run import TrainError, train
 from tests.images import write_good_folder
 
+FAST_TRAIN_POLLS = True  # the disk fills at a known checkpoint (conftest.ray_runtime)
+
 
 def _poll(condition, *, timeout_s: float, what: str, process: subprocess.Popen | None = None):
     """Wait for `condition()` to hold (or return something truthy), failing after `timeout_s`."""

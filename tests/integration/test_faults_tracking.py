@@ -19,6 +19,7 @@ from genmodels.train.run import TrainError, train
 from tests.integration.mlflow_server import MlflowServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+FAST_TRAIN_POLLS = True  # the outage lands at a known step (conftest.ray_runtime)
 
 NUM_STEPS = 16
 TINY = {"num_workers": 1, "batch_size_per_worker": 32, "log_every_steps": 2, "sample_every_steps": 1000,

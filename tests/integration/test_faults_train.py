@@ -18,6 +18,8 @@ from genmodels.data.shards import ShardError, prepare_shards
 from genmodels.train.run import TrainError, train
 from tests.integration.test_train import _history, _params, _run_named, _train
 
+FAST_TRAIN_POLLS = True  # a fault at step 10 finds step 4's or 8's checkpoint registered (conftest.ray_runtime)
+
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_runtime, mnist_shards, mlflow_url, quick_featurizer, tmp_path_factory):

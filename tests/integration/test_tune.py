@@ -18,6 +18,9 @@ from genmodels.cli import main
 from genmodels.config import load_params, parse_params
 from genmodels.tune import SweepError, tune
 
+# ASHA and PBT act on a report before the trial runs on past it (conftest.ray_runtime).
+FAST_TRAIN_POLLS = True
+
 
 TRIAL = {
     "num_workers": 1, "batch_size_per_worker": 32, "log_every_steps": 4, "sample_every_steps": 100,
@@ -63,11 +66,14 @@ def _live_sweep_resources(timeout_s=60.0):
 
 
 @pytest.mark.slow
-def test_asha_sweep_stops_trials_early_logs_parent_and_children_and_writes_a_usable_best_config(
+def test_optuna_asha_sweep_stops_trials_early_logs_parent_and_children_and_writes_a_usable_best_config(
         ray_runtime, project, mnist_shards, mlflow_url, capsys):
+    # Optuna's TPE proposes, ASHA stops (as a user combines them); TPE's start-up phase is
+    # max(2, num_samples // 4) = 2 trials, the later ones come from the model of finished ones.
+    params = _params(search="optuna", scheduler="asha", grace_period=4, reduction_factor=2, name="gan-asha")
     started = time.monotonic()
-    summary = tune(_params(scheduler="asha", grace_period=4, reduction_factor=2), "gan", shards=mnist_shards,
-                   out_dir=project / "tune", project_dir=project, featurizer_dir=project / "models" / "featurizer")
+    summary = tune(params, "gan", shards=mnist_shards, out_dir=project / "tune", project_dir=project,
+                   featurizer_dir=project / "models" / "featurizer")
     wall_s = time.monotonic() - started
     out = capsys.readouterr().out
     assert "2 concurrent trial(s) of 1 worker(s)" in out  # max_concurrent_trials: 0 resolved to what fits on 2 CPUs
@@ -112,6 +118,14 @@ def test_asha_sweep_stops_trials_early_logs_parent_and_children_and_writes_a_usa
     best = yaml.safe_load((project / "tune" / "gan_best.yaml").read_text())
     assert best == {"train": {"gan": {k.split(".")[-1]: v for k, v in summary["best_config"].items()}}}
     print(f"ASHA sweep of 4 trials x 16 steps: {wall_s:.1f} s wall")
+    _proposals_are_the_optuna_studys(project, children)
+
+    # The same sweep is not started twice by accident, nor resumed with other settings.
+    with pytest.raises(SweepError, match="sweep 'gan-asha' already exists at .*: continue it with --resume"):
+        tune(params, "gan", shards=mnist_shards, out_dir=project / "tune", project_dir=project)
+    changed = _params(search="optuna", scheduler="asha", grace_period=4, reduction_factor=2, name="gan-asha", num_samples=5)
+    with pytest.raises(SweepError, match=r"was started with other settings \(changed: tune.num_samples: 4 -> 5\)"):
+        tune(changed, "gan", shards=mnist_shards, out_dir=project / "tune", project_dir=project, resume=True)
 
     # The documented command trains with the best config.
     (project / "params.yaml").write_text(yaml.safe_dump({"train": {**TRIAL, "run_name": "gan-best", "gan": {**TRIAL["gan"], "num_steps": 4}}}))
@@ -122,32 +136,18 @@ def test_asha_sweep_stops_trials_early_logs_parent_and_children_and_writes_a_usa
     assert MlflowClient(mlflow_url).get_run(run_id).data.params["gan.lr_g"] == str(best["train"]["gan"]["lr_g"])
 
 
-@pytest.mark.slow
-def test_optuna_sweep_proposes_from_its_sampler(ray_runtime, project, mnist_shards, mlflow_url):
-    # One trial at a time: TPE's start-up phase is max(2, num_samples // 4) = 2 trials, so the third
-    # is proposed from the model of two finished ones.
-    params = _params(search="optuna", scheduler="fifo", num_steps=8, num_samples=3, max_concurrent_trials=1, name="gan-optuna")
-    summary = tune(params, "gan", shards=mnist_shards, out_dir=project / "tune", project_dir=project,
-                   featurizer_dir=project / "models" / "featurizer")
-    _, children = _runs(mlflow_url, summary["sweep"])
-    configs = [tuple(json.loads(c.data.tags[f"tune.config.{k}"]) for k in ("train.gan.lr_g", "train.gan.lr_d")) for c in children]
-    assert len(set(configs)) == 3
-    # The proposals are the Optuna study's own: Tune saved the searcher's state with the sweep.
+def _proposals_are_the_optuna_studys(project, children):
+    """Each trial's config is one the Optuna study proposed (Tune saved the searcher's state with the
+    sweep), and every result, early-stopped or not, went back into the TPE model."""
     from ray.tune.search.optuna import OptunaSearch
 
+    configs = [tuple(json.loads(c.data.tags[f"tune.config.{k}"]) for k in ("train.gan.lr_g", "train.gan.lr_d")) for c in children]
+    assert len(set(configs)) == len(children)
     searcher = OptunaSearch()
-    searcher.restore_from_dir(str(project / "ray_results" / "gan-optuna"))
+    searcher.restore_from_dir(str(project / "ray_results" / "gan-asha"))
     study = searcher._ot_study  # the optuna.Study the searcher drew from (no public accessor)
-    proposed = {(t.params["train.gan.lr_g"], t.params["train.gan.lr_d"]) for t in study.trials}
-    assert proposed == set(configs)
-    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3  # results went back into the TPE model
-
-    # The same sweep is not started twice by accident, nor resumed with other settings.
-    with pytest.raises(SweepError, match="sweep 'gan-optuna' already exists at .*: continue it with --resume"):
-        tune(params, "gan", shards=mnist_shards, out_dir=project / "tune", project_dir=project)
-    changed = _params(search="optuna", scheduler="fifo", num_steps=8, num_samples=4, max_concurrent_trials=1, name="gan-optuna")
-    with pytest.raises(SweepError, match=r"was started with other settings \(changed: tune.num_samples: 3 -> 4\)"):
-        tune(changed, "gan", shards=mnist_shards, out_dir=project / "tune", project_dir=project, resume=True)
+    assert {(t.params["train.gan.lr_g"], t.params["train.gan.lr_d"]) for t in study.trials} == set(configs)
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == len(children)
 
 
 @pytest.mark.slow
