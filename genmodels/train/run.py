@@ -214,14 +214,14 @@ def make_trainer(job: TrainJob, *, name: str, storage: str, trainer_class=None, 
     (`genmodels.progress`). Ray Train's own INFO lines show only when `verbose` (default:
     GENMODELS_VERBOSE)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     tp = job.params
     os.environ.update(ray_train_timeouts(tp))  # read by fit(), which hands them to Train's controller and workers
     verbose = progress_verbose() if verbose is None else verbose
     callbacks = [*callbacks, _worker_failures(progress, f"train {job.family}")]
     resources = {"CPU": tp.cpus_per_worker, **({"GPU": 1} if tp.use_gpu else {})}
-    return (trainer_class or TorchTrainer)(
+    return (trainer_class or _trainer_without_ray_data())(
         train_loop_per_worker,
         train_loop_config={"job": job, "start_from": start_from, "tune_gate": tune_gate, "progress": progress,
                            "verbose": verbose},
@@ -349,10 +349,24 @@ class _DriverSignals:
             signal.signal(signum, action)
 
 
-def _trainer_class(signals: _DriverSignals):
+def _trainer_without_ray_data():
+    """TorchTrainer less its Ray Data callback. genmodels reads its WebDataset shards in the
+    workers and passes Train no `datasets`, yet Train V2 starts a DatasetManager actor for every
+    worker group regardless: a process (about 2 CPU-seconds) that serves nothing. Ray is pinned to
+    2.60, whose `_create_default_callbacks` this overrides; test_train checks no DatasetManager starts."""
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 
     class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return Trainer
+
+
+def _trainer_class(signals: _DriverSignals):
+    class Trainer(_trainer_without_ray_data()):
         def _register_sigint_handler(self, controller):
             """Train V2 would install its own SIGINT handler here for the duration of `fit()`
             (data_parallel_trainer.py): it aborts the run, then calls sys.exit(0), which cannot

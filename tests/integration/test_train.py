@@ -71,6 +71,11 @@ def test_gan_on_two_workers_logs_to_mlflow_keeps_ranks_identical_and_spreads_per
     # 101 = 51 generated on rank 0 + 50 on rank 1, merged by all-reduce: both ranks did their share.
     assert [v for _, v in _history(mlflow_url, run_id, "eval/num_generated")] == [101, 101]
     assert summary["eval/fid"] == fid[-1][1]  # what Ray (and so Tune) received at the last report
+    # genmodels reads its own shards: Train started no Ray Data actor beside the run (dead ones are listed too).
+    from ray.util.state import list_actors
+
+    assert not list_actors(filters=[("class_name", "=", "DatasetManager")])
+    assert list_actors(filters=[("class_name", "=", "TrainController")])  # the query does see this run's actors
 
 
 def test_vae_trains_logs_reconstructions_and_periodic_val_elbo(ray_runtime, project, mnist_shards, mlflow_url):
