@@ -268,9 +268,11 @@ def worker_error(err: Exception) -> str:
 
 
 def _out_of_space_hint(err: Exception, storage: str) -> str:
-    """Where checkpoints go and what is free there, when a worker ran out of disk space: Ray's
-    error (pyarrow's "Error writing bytes to file") names neither the file nor the filesystem."""
-    if not any(out_of_space(e) for e in (getattr(err, "worker_failures", None) or {}).values()):
+    """Where checkpoints go and what is free there, when a worker or the controller (its snapshot
+    of the checkpoints, on the same disk; whichever fails first is the one reported) ran out of
+    disk space: Ray's error (pyarrow's "Error writing bytes to file") names neither the file nor the filesystem."""
+    failures = [*(getattr(err, "worker_failures", None) or {}).values(), getattr(err, "controller_failure", None)]
+    if not any(out_of_space(e) for e in failures):
         return ""
     where = storage if "://" in storage else f"{storage} ({free_space(Path(storage))})"
     return (f"\nout of disk space; checkpoints go to train.storage_path {where}. The complete checkpoints there "

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -194,8 +195,21 @@ def test_checkpoint_out_of_space_fails_clearly_keeps_the_last_checkpoint_and_res
         return train(params, "gan", shards=shards, models_dir=tmp_path / "models", metrics_dir=tmp_path / "metrics",
                      project_dir=tmp_path, featurizer_dir=tmp_path / "no-featurizer")
 
+    # The worker holds at step 3 until Ray's controller has recorded step 2's checkpoint in its
+    # snapshot, as when checkpoints are minutes apart: it is step 4's checkpoint that fills the
+    # disk. (Ray rewrites that snapshot in place; docs/RELIABILITY.md says what a full disk at
+    # that moment costs.)
+    marker, snapshot = tmp_path / "pause-at-3", disk / "gan-full-disk" / "checkpoint_manager_snapshot.json"
+    monkeypatch.setenv("GENMODELS_CHAOS", f"pause:0:3:{marker}")
+    running = ThreadPoolExecutor(max_workers=1).submit(run)
+    deadline = time.monotonic() + 240
+    while not (marker.exists() and snapshot.exists() and "step_00000002" in snapshot.read_text()):
+        assert not running.done(), running.result()
+        assert time.monotonic() < deadline, "step 2's checkpoint was never recorded"
+        time.sleep(0.1)  # polling the filesystem for a condition, not waiting out a race
+    marker.write_text("go\n")
     with pytest.raises(TrainError) as raised:
-        run()
+        running.result(timeout=240)
     message = str(raised.value)
     print(f"scenario 15 (checkpoint): {message}")
     assert "No space left on device" in message, message

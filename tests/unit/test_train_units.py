@@ -12,7 +12,7 @@ from genmodels.files import RunLocked, run_lock
 from genmodels.train.checkpoint import StartFrom, bundle_dir, load_bundle, read_exported, weights_digest
 from genmodels.train.chaos import Chaos
 from genmodels.train.loop import TrainJob
-from genmodels.train.run import ray_train_timeouts
+from genmodels.train.run import _out_of_space_hint, ray_train_timeouts
 
 
 def test_wgan_gp_with_batchnorm_critic_is_refused_with_the_reason():
@@ -165,3 +165,16 @@ def test_ray_train_timeouts_come_from_the_params():
     tp = parse_params({"train": {"collective_timeout_s": 5, "worker_health_timeout_s": 7}}).train
     assert ray_train_timeouts(tp) == {"RAY_TRAIN_COLLECTIVE_TIMEOUT_S": "5.0", "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": "7.0",
                                       "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60.0"}
+
+
+def test_out_of_space_names_the_checkpoint_disk_whether_a_worker_or_the_controller_hit_it(tmp_path):
+    """The full disk is reported by whichever hits it first: a worker writing its checkpoint or the
+    controller writing its snapshot of them; both get the hint (scenario 15 once met the second)."""
+    import errno
+
+    from ray.train import ControllerError, WorkerGroupError
+
+    full = OSError(errno.ENOSPC, "Error writing bytes to file")
+    for err in (WorkerGroupError("w", {0: full}), ControllerError(full)):
+        assert f"checkpoints go to train.storage_path {tmp_path} (" in _out_of_space_hint(err, str(tmp_path)), err
+    assert _out_of_space_hint(ControllerError(RuntimeError("other")), str(tmp_path)) == ""
