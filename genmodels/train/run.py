@@ -194,7 +194,7 @@ def _fit(job: TrainJob, resolved: _Resolved, signals: _DriverSignals):
         if signals.received:
             raise  # aborted by a signal: `train` reports the signal, not the abort
         raise TrainError(f"train {job.family}: run {resolved.run_name!r} failed: {worker_error(err)}"
-                         f"{_out_of_space_hint(err, resolved.storage)}") from None
+                         f"{_out_of_space_hint(err, resolved.storage, resolved.run_name)}") from None
     finally:
         signals.abort = None
     if signals.received:  # an abort can also end fit() without an error
@@ -267,17 +267,24 @@ def worker_error(err: Exception) -> str:
     return repr(first) if first is not None else str(err)
 
 
-def _out_of_space_hint(err: Exception, storage: str) -> str:
-    """Where checkpoints go and what is free there, when a worker or the controller (its snapshot
-    of the checkpoints, on the same disk; whichever fails first is the one reported) ran out of
-    disk space: Ray's error (pyarrow's "Error writing bytes to file") names neither the file nor the filesystem."""
-    failures = [*(getattr(err, "worker_failures", None) or {}).values(), getattr(err, "controller_failure", None)]
-    if not any(out_of_space(e) for e in failures):
+def _out_of_space_hint(err: Exception, storage: str, run_name: str) -> str:
+    """Where checkpoints go and what is free there, when a worker or the controller ran out of
+    disk space: Ray's error (pyarrow's "Error writing bytes to file") names neither the file nor
+    the filesystem. The controller writes its record of the checkpoints in place, so a full disk
+    at that moment can leave it cut short, and the rerun would fail to read it: say so, and how out."""
+    controller = getattr(err, "controller_failure", None)
+    workers = (getattr(err, "worker_failures", None) or {}).values()
+    if not (out_of_space(controller) or any(out_of_space(e) for e in workers)):
         return ""
     where = storage if "://" in storage else f"{storage} ({free_space(Path(storage))})"
-    return (f"\nout of disk space; checkpoints go to train.storage_path {where}. The complete checkpoints there "
+    hint = (f"\nout of disk space; checkpoints go to train.storage_path {where}. The complete checkpoints there "
             "are kept and a partial one is never resumed from: free space, keep fewer (train.num_checkpoints_kept) "
             "or move train.storage_path, then rerun with the same run name to resume")
+    if out_of_space(controller):
+        hint += (f". Ray Train's record of those checkpoints, {storage}/{run_name}/checkpoint_manager_snapshot.json, "
+                 "was being written when the disk filled: if the rerun cannot load it, delete it (the run then "
+                 "starts again from step 0) or choose another train.run_name")
+    return hint
 
 
 def _export(spec: Family, result, resolved: _Resolved, job: TrainJob, models_dir: Path) -> int:

@@ -45,6 +45,7 @@ def ray_runtime(request):
     # A module whose subject is when Train sees a report or a fault sets FAST_TRAIN_POLLS = True:
     # 0.2 s, so a checkpoint is registered and a failure noticed at the step the test expects.
     fast = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"} if getattr(request.module, "FAST_TRAIN_POLLS", False) else {}
+    fast = {k: v for k, v in fast.items() if k not in os.environ}  # one set by whoever runs the tests wins
     os.environ.update(fast)
     # After a failure, Train waits this long for each rank to leave its process group (Ray's
     # default 30 s); a frozen rank never does. Read by the controller, which inherits the

@@ -38,13 +38,10 @@ def _healthy(url: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def start_mlflow_server(root: Path, backend_store_uri: str | None = None, workers: int = 1) -> Iterator[str]:
-    """Start a server storing into `root` (runs in `root/server.db` unless `backend_store_uri` names
-    another store) with `workers` uvicorn workers, yield its URL once /health answers, stop its
-    process group."""
+def _launch(root: Path, port: int, backend_store_uri: str | None = None, workers: int = 1) -> subprocess.Popen:
+    """Start `mlflow server` on 127.0.0.1:`port` storing into `root`, its output appended to
+    `root/server.log`; return once /health answers."""
     root.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
         str(Path(sys.executable).parent / "mlflow"), "server",
@@ -56,7 +53,8 @@ def start_mlflow_server(root: Path, backend_store_uri: str | None = None, worker
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     log_path = root / "server.log"
     # A file, not a pipe: nobody reads the server's output while tests run, and a full pipe blocks it.
-    with open(log_path, "wb") as log:
+    # Appended: one log across the restarts of an MlflowServer.
+    with open(log_path, "ab") as log:
         process = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: uvicorn workers are stopped with it
@@ -69,7 +67,21 @@ def start_mlflow_server(root: Path, backend_store_uri: str | None = None, worker
             if time.monotonic() > deadline:
                 raise RuntimeError(f"mlflow server on {url} not healthy after {START_TIMEOUT_S:.0f} s:\n{_tail(log_path)}")
             time.sleep(POLL_INTERVAL_S)
-        yield url
+    except BaseException:
+        _stop(process)
+        raise
+    return process
+
+
+@contextlib.contextmanager
+def start_mlflow_server(root: Path, backend_store_uri: str | None = None, workers: int = 1) -> Iterator[str]:
+    """Start a server storing into `root` (runs in `root/server.db` unless `backend_store_uri` names
+    another store) with `workers` uvicorn workers, yield its URL once /health answers, stop its
+    process group."""
+    port = _free_port()
+    process = _launch(root, port, backend_store_uri, workers)
+    try:
+        yield f"http://127.0.0.1:{port}"
     finally:
         _stop(process)
 
@@ -108,25 +120,7 @@ class MlflowServer:
 
     def start(self) -> None:
         """Start it, and return once /health answers."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        command = [
-            str(Path(sys.executable).parent / "mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{(self.root / 'server.db').resolve()}",
-            "--artifacts-destination", str((self.root / "artifacts").resolve()),
-            "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], "--workers", "1",
-        ]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-        log_path = self.root / "server.log"
-        with open(log_path, "ab") as log:  # appended: one log across restarts
-            self._process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _healthy(self.url):
-            if self._process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self._process.returncode}:\n{_tail(log_path)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server on {self.url} not healthy after {START_TIMEOUT_S:.0f} s:\n{_tail(log_path)}")
-            time.sleep(POLL_INTERVAL_S)
+        self._process = _launch(self.root, int(self.url.rsplit(":", 1)[1]))
 
     def kill(self) -> None:
         """SIGKILL to its process group, as a crash leaves it; returns once every member is gone."""

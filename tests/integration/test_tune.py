@@ -68,8 +68,9 @@ def _live_sweep_resources(timeout_s=60.0):
 @pytest.mark.slow
 def test_optuna_asha_sweep_stops_trials_early_logs_parent_and_children_and_writes_a_usable_best_config(
         ray_runtime, project, mnist_shards, mlflow_url, capsys):
-    # Optuna's TPE proposes, ASHA stops (as a user combines them); TPE's start-up phase is
-    # max(2, num_samples // 4) = 2 trials, the later ones come from the model of finished ones.
+    # Optuna's TPE proposes, ASHA stops (as a user combines them). TPE draws at random until
+    # max(2, num_samples // 4) = 2 trials have finished, so with 2 trials at once only the fourth
+    # is sure to come from its model; every result goes back into it.
     params = _params(search="optuna", scheduler="asha", grace_period=4, reduction_factor=2, name="gan-asha")
     started = time.monotonic()
     summary = tune(params, "gan", shards=mnist_shards, out_dir=project / "tune", project_dir=project,

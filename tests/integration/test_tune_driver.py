@@ -33,12 +33,18 @@ def _child_statuses(url, sweep_name):
     return {c.data.tags["tune.trial_id"]: c.info.status for c in children}
 
 
+def _one_finished_one_under_way(url, sweep_name) -> bool:
+    children = _runs(url, sweep_name)[1]
+    return (any(c.info.status == "FINISHED" for c in children)
+            and any(c.info.status == "RUNNING" and "train/loss_d" in c.data.metrics for c in children))
+
+
 def test_a_killed_driver_resumes_without_rerunning_finished_trials(driver_env, project, mnist_shards, mlflow_url):
-    """A real `genmodels tune` process, SIGKILLed after a trial finished, then `--resume`."""
+    """A real `genmodels tune` process, SIGKILLed after one trial finished and while the next has
+    logged a step, then `--resume`."""
     name = "gan-killed"
     (project / "params.yaml").write_text(yaml.safe_dump({
-        "train": {**TRIAL, "gan": {**TRIAL["gan"], "num_steps": 8}},
-        # One trial at a time: the first finishes before the kill, the second is cut short or never started.
+        "train": {**TRIAL, "gan": {**TRIAL["gan"], "num_steps": 12}},
         "tune": {"name": name, "num_samples": 2, "max_concurrent_trials": 1, "scheduler": "fifo", "space": SPACE}}))
     command = [sys.executable, "-m", "genmodels.cli", "tune", "gan", "--shards", str(mnist_shards)]
     process = subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -51,6 +57,10 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(driver_env, p
             time.sleep(0.5)  # polling the tracking server for a condition, not waiting out a race
         with pytest.raises(RunLocked, match=rf"tune gan: sweep '{name}' is already running \(pid {process.pid}@"):
             tune(load_params(project / "params.yaml"), "gan", shards=mnist_shards, project_dir=project, resume=True)
+        while not _one_finished_one_under_way(mlflow_url, name):  # the kill then lands mid-trial
+            assert process.poll() is None, process.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the second trial never logged a step"
+            time.sleep(0.2)  # polling the tracking server for a condition, not waiting out a race
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the driver: Ray ends its job's trials and Train runs
         process.communicate()
@@ -65,7 +75,7 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(driver_env, p
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     for child in children:
         steps = _steps(mlflow_url, child.info.run_id, "train/loss_d")
-        assert steps == [4, 8], (child.data.tags["tune.trial_id"], steps)  # resumed, no step twice
+        assert steps == [4, 8, 12], (child.data.tags["tune.trial_id"], steps)  # resumed, no step twice
     for trial in finished:  # a trial finished before the kill trained nothing more
         checkpoints = list((trials / f"{name}-{trial}").glob("step_*"))
         assert checkpoints and all(p.stat().st_mtime < killed_at for p in checkpoints), trial

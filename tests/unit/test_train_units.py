@@ -175,6 +175,11 @@ def test_out_of_space_names_the_checkpoint_disk_whether_a_worker_or_the_controll
     from ray.train import ControllerError, WorkerGroupError
 
     full = OSError(errno.ENOSPC, "Error writing bytes to file")
-    for err in (WorkerGroupError("w", {0: full}), ControllerError(full)):
-        assert f"checkpoints go to train.storage_path {tmp_path} (" in _out_of_space_hint(err, str(tmp_path)), err
-    assert _out_of_space_hint(ControllerError(RuntimeError("other")), str(tmp_path)) == ""
+    by_worker, by_controller = (_out_of_space_hint(err, str(tmp_path), "gan-1") for err in
+                                (WorkerGroupError("w", {0: full}), ControllerError(full)))
+    for hint in (by_worker, by_controller):
+        assert f"checkpoints go to train.storage_path {tmp_path} (" in hint, hint
+    # Only the controller writes Ray's record of the checkpoints, in place: that file is named.
+    snapshot = f"{tmp_path}/gan-1/checkpoint_manager_snapshot.json"
+    assert snapshot in by_controller and snapshot not in by_worker
+    assert _out_of_space_hint(ControllerError(RuntimeError("other")), str(tmp_path), "gan-1") == ""
