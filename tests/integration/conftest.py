@@ -45,13 +45,12 @@ def ray_runtime(request):
     # A module whose subject is when Train sees a report or a fault sets FAST_TRAIN_POLLS = True:
     # 0.2 s, so a checkpoint is registered and a failure noticed at the step the test expects.
     fast = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"} if getattr(request.module, "FAST_TRAIN_POLLS", False) else {}
-    fast = {k: v for k, v in fast.items() if k not in os.environ}  # one set by whoever runs the tests wins
-    os.environ.update(fast)
     # After a failure, Train waits this long for each rank to leave its process group (Ray's
     # default 30 s); a frozen rank never does. Read by the controller, which inherits the
     # environment of the node, not the driver's: a cluster sets it where `ray start` runs.
     os.environ["TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"] = "3"
-    added = {k: v for k, v in local_ray_env().items() if k not in os.environ}  # as genmodels.cluster.ensure_ray does
+    # local_ray_env: as genmodels.cluster.ensure_ray does. A value set by whoever runs the tests wins.
+    added = {k: v for k, v in {**fast, **local_ray_env()}.items() if k not in os.environ}
     os.environ.update(added)
     port = free_loopback_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # as genmodels.cluster.ensure_ray does, and why
@@ -60,7 +59,7 @@ def ray_runtime(request):
     yield
     ray.shutdown()
     del os.environ["RAY_API_SERVER_ADDRESS"]  # it overrides even an explicit --address (Ray's submission client)
-    for key in [*added, *fast]:  # a later module's `genmodels train` must show that it sets them itself (test_ux)
+    for key in added:  # a later module's `genmodels train` must show that it sets them itself (test_ux)
         del os.environ[key]
 
 

@@ -202,13 +202,14 @@ def test_checkpoint_out_of_space_fails_clearly_keeps_the_last_checkpoint_and_res
     marker, snapshot = tmp_path / "pause-at-3", disk / "gan-full-disk" / "checkpoint_manager_snapshot.json"
     monkeypatch.setenv("GENMODELS_CHAOS", f"pause:0:3:{marker}")
     running = ThreadPoolExecutor(max_workers=1).submit(run)
-    deadline = time.monotonic() + 240
+
+    def paused_with_step_2_recorded() -> bool:
+        assert not running.done(), f"training ended before step 2 was recorded: {running.result()}"
+        return (marker.exists() and marker.read_text() == "pause at step 3\n" and snapshot.exists()
+                and "step_00000002" in snapshot.read_text())
+
     try:
-        while not (marker.exists() and marker.read_text() == "pause at step 3\n" and snapshot.exists()
-                   and "step_00000002" in snapshot.read_text()):
-            assert not running.done(), running.result()
-            assert time.monotonic() < deadline, "step 2's checkpoint was never recorded"
-            time.sleep(0.1)  # polling the filesystem for a condition, not waiting out a race
+        _poll(paused_with_step_2_recorded, timeout_s=240, what="pause at step 3 with step 2's checkpoint recorded")
     finally:
         marker.write_text("go\n")  # the worker goes on (or, after a failed wait, ends instead of holding)
     with pytest.raises(TrainError) as raised:
