@@ -1,7 +1,9 @@
 """A real `dvc repro` / `dvc exp run` in a temporary git repo holding a copy of the project.
 
 The shipped params.yaml is used with training shrunk to a few steps of tiny models, so that the
-whole pipeline (prepare -> train@gan, train@vae on a local Ray) runs in a test.
+whole pipeline (prepare -> train@gan, train@vae) runs in a test. The train and tune stages join
+the test's Ray through RAY_ADDRESS, as on a running cluster (a Ray of their own per stage is
+four more Ray starts here; a command starting its own local Ray: test_ux, test_faults_driver).
 """
 
 import hashlib
@@ -9,6 +11,7 @@ import json
 import subprocess
 
 import pytest
+import ray
 import yaml
 
 pytestmark = pytest.mark.slow  # each test here starts Ray, dvc or servers: 10 s to minutes on 2 cores
@@ -44,7 +47,8 @@ def _run(cwd, *args):
 
 
 @pytest.mark.timeout(1200)  # the whole pipeline, several times: minutes, more beside other test processes
-def test_repro_is_idempotent_and_exp_run_sets_params(project_copy):
+def test_repro_is_idempotent_and_exp_run_sets_params(project_copy, ray_runtime, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     _shrink_training(project_copy)
     out = _run(project_copy, "dvc", "repro")
     for stage in ("prepare", "featurizer", "train@gan", "train@vae", "evaluate@gan", "evaluate@vae", "register@gan",
