@@ -35,12 +35,13 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
-# The slowest modules, slowest first (test_dvc is one test of 5-8 minutes beside the others; the
-# rest take under a minute each): xdist hands out whole modules in collection order, so none of
-# these starts last.
-HEAVIEST_FIRST = ["test_dvc", "test_tune", "test_faults_train", "test_faults_driver", "test_ux", "test_bench_quality",
-                  "test_train", "test_evaluate", "test_tune_driver", "test_cluster", "test_faults_storage",
-                  "test_faults_tracking", "test_registry", "test_faults_secrets", "test_tracking_load"]
+# The slowest modules, slowest first, by their wall time in two test processes (test_dvc is one
+# test of 4 minutes beside the others): xdist hands out whole modules in collection order
+# (pyproject's --no-loadscope-reorder), so none of these starts last and both processes end
+# within seconds of each other, on the small modules.
+HEAVIEST_FIRST = ["test_dvc", "test_faults_train", "test_tune", "test_train", "test_cluster", "test_faults_driver",
+                  "test_tune_driver", "test_faults_tracking", "test_ux", "test_evaluate", "test_bench_quality",
+                  "test_registry", "test_faults_storage", "test_faults_secrets", "test_tracking_load"]
 
 
 def pytest_collection_modifyitems(items):
