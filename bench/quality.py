@@ -298,8 +298,7 @@ def run_bench(params, families, budgets: dict, work: Path, *, smoke: bool) -> tu
             ours = train_default(params, family, work, shards, featurizer, f"{family}-bench", num_steps)
             shipped_steps = getattr(params.train, family).num_steps
             shipped = train_default(params, family, work, shards, featurizer, f"{family}-shipped", shipped_steps)
-        if not smoke:  # the smoke's numbers are not read: it keeps Ray (a second start is about 9 s of CPU)
-            ray.shutdown()  # the baseline trains without Ray's daemons on the cores (`train` starts Ray again)
+        ray.shutdown()  # the baseline trains without Ray's daemons on the cores (`train` starts Ray again)
         torch.set_num_threads(2)
         train_baseline, base_latent = (train_dcgan, 100) if family == "gan" else (train_examples_vae, 20)
         shipped_s = budget / 2 if smoke else shipped[1]["wall_s"]  # smoke: a snapshot, to run that code too
