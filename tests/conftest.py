@@ -36,9 +36,9 @@ def repo_root() -> Path:
 
 
 # The slowest modules, slowest first, by their wall time in two test processes (test_dvc is one
-# test of 4 minutes beside the others): xdist hands out whole modules in collection order
-# (pyproject's --no-loadscope-reorder), so none of these starts last and both processes end
-# within seconds of each other, on the small modules.
+# test of 4 minutes beside the others). xdist hands out whole modules in collection order
+# (pyproject's --no-loadscope-reorder), the next one to a process as soon as its current one has
+# two tests or fewer left, so none of these starts last and both processes end on small modules.
 HEAVIEST_FIRST = ["test_dvc", "test_faults_train", "test_tune", "test_train", "test_cluster", "test_faults_driver",
                   "test_tune_driver", "test_faults_tracking", "test_ux", "test_evaluate", "test_bench_quality",
                   "test_registry", "test_faults_storage", "test_faults_secrets", "test_tracking_load"]

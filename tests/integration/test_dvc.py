@@ -1,9 +1,10 @@
 """A real `dvc repro` / `dvc exp run` in a temporary git repo holding a copy of the project.
 
 The shipped params.yaml is used with training shrunk to a few steps of tiny models, so that the
-whole pipeline (prepare -> train@gan, train@vae) runs in a test. The train and tune stages join
-the test's Ray through RAY_ADDRESS, as on a running cluster (a Ray of their own per stage is
-four more Ray starts here; a command starting its own local Ray: test_ux, test_faults_driver).
+whole pipeline (prepare -> train@gan, train@vae) runs in a test. The train stages join the
+test's Ray through RAY_ADDRESS, as on a running cluster (a local Ray of their own would be three
+more Ray starts here; `genmodels train` starting its own: test_ux, test_faults_driver). The tune
+stage starts its own, as on a workstation: no other test runs `genmodels tune` that way.
 """
 
 import hashlib
@@ -48,7 +49,8 @@ def _run(cwd, *args):
 
 @pytest.mark.timeout(1200)  # the whole pipeline, several times: minutes, more beside other test processes
 def test_repro_is_idempotent_and_exp_run_sets_params(project_copy, ray_runtime, monkeypatch):
-    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    address = ray.get_runtime_context().gcs_address
+    monkeypatch.setenv("RAY_ADDRESS", address)
     _shrink_training(project_copy)
     out = _run(project_copy, "dvc", "repro")
     for stage in ("prepare", "featurizer", "train@gan", "train@vae", "evaluate@gan", "evaluate@vae", "register@gan",
@@ -75,7 +77,9 @@ def test_repro_is_idempotent_and_exp_run_sets_params(project_copy, ray_runtime, 
     assert "up to date" in _run(project_copy, "dvc", "status", "dvc.yaml")
     assert "Running stage 'tune" not in out  # plain `dvc repro` never starts a sweep
 
+    monkeypatch.delenv("RAY_ADDRESS")  # the sweep starts a local Ray of its own (module docstring)
     swept = _run(project_copy, "dvc", "repro", "tune/dvc.yaml:tune@vae")
+    monkeypatch.setenv("RAY_ADDRESS", address)
     assert "Running stage 'tune/dvc.yaml:tune@vae'" in swept and "Running stage 'train" not in swept
     best = yaml.safe_load((project_copy / "tune/vae_best.yaml").read_text())
     assert set(best["train"]["vae"]) == {"lr", "latent_dim"}
