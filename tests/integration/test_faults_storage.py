@@ -31,13 +31,14 @@ from tests.images import write_good_folder
 FAST_TRAIN_POLLS = True  # the disk fills at a known checkpoint (conftest.ray_runtime)
 
 
-def _poll(condition, *, timeout_s: float, what: str, process: subprocess.Popen | None = None):
-    """Wait for `condition()` to hold (or return something truthy), failing after `timeout_s`."""
+def _poll(condition, *, timeout_s: float, what: str, process: subprocess.Popen | None = None, poll_s: float = 0.02):
+    """Wait for `condition()` to hold (or return something truthy), failing after `timeout_s` or
+    when `process` exits first."""
     deadline = time.monotonic() + timeout_s
     while not (value := condition()):
         assert process is None or process.poll() is None, f"exited before {what}: {process.communicate()[0][-3000:]}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
-        time.sleep(0.02)  # polling a condition with a deadline, not waiting out a race
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
+        time.sleep(poll_s)  # polling a condition with a deadline, not waiting out a race
     return value
 
 

@@ -14,6 +14,7 @@ import yaml
 from genmodels.config import load_params
 from genmodels.files import RunLocked
 from genmodels.tune import tune
+from tests.integration.test_faults_storage import _poll
 from tests.integration.test_tune import SPACE, TRIAL, _runs, _steps
 
 pytestmark = pytest.mark.slow  # each test here starts Ray, dvc or servers: 10 s to minutes on 2 cores
@@ -33,14 +34,6 @@ def _child_statuses(url, sweep_name):
     return {c.data.tags["tune.trial_id"]: c.info.status for c in children}
 
 
-def _wait(condition, process: subprocess.Popen, deadline: float, what: str, poll_s: float = 0.5) -> None:
-    """Poll the tracking server (`condition`) until it holds, while the driver `process` lives."""
-    while not condition():
-        assert process.poll() is None, process.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, what
-        time.sleep(poll_s)  # polling the tracking server for a condition, not waiting out a race
-
-
 def _one_finished_one_under_way(url, sweep_name) -> bool:
     children = _runs(url, sweep_name)[1]
     return (any(c.info.status == "FINISHED" for c in children)
@@ -58,12 +51,14 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(driver_env, p
     process = subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        _wait(lambda: "FINISHED" in _child_statuses(mlflow_url, name).values(), process, deadline, "no trial finished")
+        deadline = time.monotonic() + 300  # both waits together; polling the tracking server
+        _poll(lambda: "FINISHED" in _child_statuses(mlflow_url, name).values(), timeout_s=300, what="finished trial",
+              process=process, poll_s=0.5)
         with pytest.raises(RunLocked, match=rf"tune gan: sweep '{name}' is already running \(pid {process.pid}@"):
             tune(load_params(project / "params.yaml"), "gan", shards=mnist_shards, project_dir=project, resume=True)
-        _wait(lambda: _one_finished_one_under_way(mlflow_url, name), process, deadline,  # the kill then lands mid-trial
-              "the second trial never logged a step", poll_s=0.2)
+        # The kill then lands mid-trial.
+        _poll(lambda: _one_finished_one_under_way(mlflow_url, name), timeout_s=deadline - time.monotonic(),
+              what="step logged by the second trial", process=process, poll_s=0.2)
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the driver: Ray ends its job's trials and Train runs
         process.communicate()
@@ -93,8 +88,8 @@ def test_ctrl_c_stops_the_sweep_and_leaves_no_run_running(driver_env, project, m
     process = subprocess.Popen([sys.executable, "-m", "genmodels.cli", "tune", "gan", "--shards", str(mnist_shards)],
                                cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        _wait(lambda: any("train/loss_d" in c.data.metrics for c in _runs(mlflow_url, name)[1]), process,
-              time.monotonic() + 300, "no trial logged a step")
+        _poll(lambda: any("train/loss_d" in c.data.metrics for c in _runs(mlflow_url, name)[1]), timeout_s=300,
+              what="step logged by a trial", process=process, poll_s=0.5)
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=180)
     finally:
