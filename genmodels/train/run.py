@@ -272,15 +272,15 @@ def _out_of_space_hint(err: Exception, storage: str, run_name: str) -> str:
     disk space: Ray's error (pyarrow's "Error writing bytes to file") names neither the file nor
     the filesystem. The controller writes its record of the checkpoints in place, so a full disk
     at that moment can leave it cut short, and the rerun would fail to read it: say so, and how out."""
-    controller = getattr(err, "controller_failure", None)
+    by_controller = out_of_space(getattr(err, "controller_failure", None))
     workers = (getattr(err, "worker_failures", None) or {}).values()
-    if not (out_of_space(controller) or any(out_of_space(e) for e in workers)):
+    if not (by_controller or any(out_of_space(e) for e in workers)):
         return ""
     where = storage if "://" in storage else f"{storage} ({free_space(Path(storage))})"
     hint = (f"\nout of disk space; checkpoints go to train.storage_path {where}. The complete checkpoints there "
             "are kept and a partial one is never resumed from: free space, keep fewer (train.num_checkpoints_kept) "
             "or move train.storage_path, then rerun with the same run name to resume")
-    if out_of_space(controller):
+    if by_controller:
         hint += (f". Ray Train's record of those checkpoints, {storage}/{run_name}/checkpoint_manager_snapshot.json, "
                  "was being written when the disk filled: if the rerun cannot load it, delete it (the run then "
                  "starts again from step 0) or choose another train.run_name")
